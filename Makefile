@@ -1,0 +1,82 @@
+# Sallyport developer entry points. `make help` lists them.
+#
+# Build outputs and caches live outside the repository:
+#   CARGO_TARGET_DIR  cargo's target dir           (default ~/.cache/sallyport/target)
+#   SALLYPORT_CACHE   control-plane binaries, local cluster state (default ~/.cache/sallyport)
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+export SALLYPORT_CACHE ?= $(HOME)/.cache/sallyport
+export CARGO_TARGET_DIR ?= $(SALLYPORT_CACHE)/target
+
+CARGO ?= cargo
+CLUSTER := $(CARGO) run --quiet -p sallyport-e2e --bin sallyport-cluster --
+CRDGEN := $(CARGO) run --quiet -p sallyport-api --bin sallyport-crdgen --
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: build
+build: ## Build every crate and binary
+	$(CARGO) build --workspace --all-targets
+
+.PHONY: test
+test: lint unit e2e ## Run everything: lint, unit tests, and e2e tests against a real control plane
+
+.PHONY: unit
+unit: ## Unit and in-process tests (no control plane)
+	$(CARGO) test --workspace --exclude sallyport-e2e
+
+.PHONY: e2e
+e2e: controlplane ## End-to-end tests against a real etcd + kube-apiserver on loopback
+	$(CARGO) test -p sallyport-e2e
+
+.PHONY: lint
+lint: fmt-check clippy crds-check ## cargo fmt check, clippy -D warnings, CRDs in sync with the Rust types
+
+.PHONY: fmt
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+.PHONY: fmt-check
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+.PHONY: clippy
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+.PHONY: crds
+crds: ## Regenerate crds/*.yaml from the Rust API types
+	$(CRDGEN) --out-dir crds
+
+.PHONY: crds-check
+crds-check: ## Fail when crds/ differs from what the Rust API types generate
+	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(CRDGEN) --out-dir "$$tmp"; \
+	if ! diff -ru crds "$$tmp"; then \
+	  echo "crds/ is out of date with the Rust types in api/src: run 'make crds' and commit the result" >&2; exit 1; \
+	fi
+
+.PHONY: controlplane
+controlplane: ## Build (once per version) the etcd, kube-* and kwok binaries into $SALLYPORT_CACHE
+	$(CLUSTER) build
+
+.PHONY: cluster-up
+cluster-up: ## Start a local control plane; the last line printed is its admin kubeconfig
+	$(CLUSTER) up
+
+.PHONY: cluster-down
+cluster-down: ## Stop the local control plane and remove its state
+	$(CLUSTER) down
+
+.PHONY: demo
+demo: ## Local demo: a control plane with the Sallyport API and the examples installed
+	hack/demo.sh up
+
+.PHONY: demo-down
+demo-down: ## Remove everything `make demo` started
+	hack/demo.sh down
