@@ -32,7 +32,7 @@ unit: ## Unit and in-process tests (no control plane)
 
 .PHONY: e2e
 e2e: controlplane ## End-to-end tests against a real etcd + kube-apiserver on loopback
-	$(CARGO) test -p sallyport-e2e
+	$(CARGO) test -p sallyport-e2e --tests
 
 .PHONY: lint
 lint: fmt-check clippy crds-check ## cargo fmt check, clippy -D warnings, CRDs in sync with the Rust types
@@ -68,6 +68,10 @@ controlplane: ## Build (once per version) the etcd, kube-* and kwok binaries int
 .PHONY: cluster-up
 cluster-up: ## Start a local control plane; the last line printed is its admin kubeconfig
 	$(CLUSTER) up
+
+.PHONY: cluster-env
+cluster-env: ## Print shell exports (KUBECONFIG, PATH with a matching kubectl) for the local control plane
+	@$(CLUSTER) env
 
 .PHONY: cluster-down
 cluster-down: ## Stop the local control plane and remove its state

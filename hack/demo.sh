@@ -19,7 +19,8 @@ case "${1:-up}" in
   up)
     log "starting the local control plane (the first run builds it from source: 15-25 minutes)"
     kubeconfig=$(cluster up | tail -n 1)
-    export KUBECONFIG=$kubeconfig
+    # KUBECONFIG, and the kubectl built with the control plane first on PATH.
+    eval "$(cluster env)"
     log "installing the Sallyport CRDs"
     kubectl apply --server-side --force-conflicts -f crds/ >&2
     kubectl wait --for condition=Established --timeout 60s -f crds/ >&2
@@ -37,7 +38,7 @@ case "${1:-up}" in
 
 Sallyport's API is running on a local control plane.
 
-  export KUBECONFIG=$kubeconfig
+  eval "\$(make -s cluster-env)"                # KUBECONFIG and a matching kubectl
   kubectl get sallyport -A                      # every Sallyport object
   kubectl get papp,cg,cap -n team-a             # printer columns
   kubectl explain publishedapp.spec.externalUrl # field docs

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the local Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kwok, and kwok-stages.yaml, kwok's node and pod lifecycle) from the Go
+# kube-scheduler, a matching kubectl, kwok, and kwok-stages.yaml, kwok's node and pod lifecycle) from the Go
 # module proxy into a versioned cache outside the repository. Each is built once per
 # version; a second run is a no-op.
 #
@@ -67,8 +67,10 @@ GOMOD
 fi
 
 # --- Kubernetes: a wrapper module replacing every staging module with its published twin --
-if need kube-apiserver kube-controller-manager kube-scheduler; then
-  log "building kube-apiserver, kube-controller-manager, kube-scheduler $KUBE_VERSION"
+KUBE_COMMANDS="kube-apiserver kube-controller-manager kube-scheduler kubectl"
+# shellcheck disable=SC2086
+if need $KUBE_COMMANDS; then
+  log "building $KUBE_COMMANDS $KUBE_VERSION (cold: 10+ minutes on 2 cores)"
   d=$WORK/kubernetes-$KUBE_VERSION
   mkdir -p "$d"
   gomod=$(cd "$d" && GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')
@@ -94,6 +96,7 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubectl"
 )
 GO
   (cd "$d" && go mod tidy >&2)
@@ -102,7 +105,8 @@ GO
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ldflags="$ldflags -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
-  for cmd in kube-apiserver kube-controller-manager kube-scheduler; do
+  for cmd in $KUBE_COMMANDS; do
+    [ -x "$DEST/$cmd" ] && continue
     log "go build $cmd"
     (cd "$d" && go build -trimpath -ldflags "$ldflags" -o "$DEST/$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd" && mv "$DEST/$cmd.tmp" "$DEST/$cmd")
   done

@@ -10,7 +10,7 @@ use std::io::{IsTerminal, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
@@ -79,7 +79,8 @@ enum Subcommands {
     Up(UpArgs),
     /// Stop the control plane started by `up` and delete its state (no-op if none is up).
     Down,
-    /// Print `export KUBECONFIG=...` for the control plane started by `up`.
+    /// Print `export KUBECONFIG=...` (and a PATH with the matching kubectl) for the control
+    /// plane started by `up`; use it as `eval "$(sallyport-cluster env)"`.
     Env,
 }
 
@@ -116,14 +117,7 @@ impl Cli {
             Subcommands::Run(args) => run(args).await,
             Subcommands::Up(args) => up(mode(args.with_controllers)).await,
             Subcommands::Down => down().await,
-            Subcommands::Env => {
-                let dir = local_state_dir()?;
-                if supervisor_pid(&dir).is_none() || !dir.join(READY_FILE).is_file() {
-                    return Err(Error::NotUp { state_dir: dir });
-                }
-                let kubeconfig = dir.join("kubeconfig");
-                print_line(&format!("export KUBECONFIG={}", kubeconfig.display()))
-            }
+            Subcommands::Env => env(),
         }
     }
 }
@@ -258,42 +252,9 @@ async fn up(mode: Mode) -> Result<(), Error> {
 
     // Build in the foreground, where the progress shows.
     Binaries::locate(mode).await?;
-
     // Next to the state directory, so that it survives a failed start.
     let log_path = dir.with_extension("log");
-    let parent = dir.parent().unwrap_or(&dir);
-    std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
-    let log = File::create(&log_path).map_err(Error::io(&log_path))?;
-    let log2 = log.try_clone().map_err(Error::io(&log_path))?;
-    let exe = std::env::current_exe().map_err(Error::io("/proc/self/exe"))?;
-
-    // A new session: no terminal, no signals meant for the caller's process group.
-    let mut command = if Path::new(SETSID).is_file() {
-        let mut command = Command::new(SETSID);
-        command.arg(&exe);
-        command
-    } else {
-        let mut command = Command::new(&exe);
-        command.process_group(0);
-        command
-    };
-    command
-        .arg("run")
-        .arg("--state-dir")
-        .arg(&dir)
-        .arg("--ignore-stdin");
-    if mode == Mode::WithControllers {
-        command.arg("--with-controllers");
-    }
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log2)
-        .spawn()
-        .map_err(|source| Error::Spawn {
-            program: exe.clone(),
-            source,
-        })?;
+    let mut child = spawn_detached(&dir, mode, &log_path)?;
     info!(pid = child.id(), log = %log_path.display(), "started sallyport-cluster run");
 
     let deadline = Instant::now() + UP_TIMEOUT;
@@ -320,6 +281,43 @@ async fn up(mode: Mode) -> Result<(), Error> {
     }
     eprintln!("control plane up; stop it with `sallyport-cluster down`");
     print_line(&kubeconfig.display().to_string())
+}
+
+/// Starts `sallyport-cluster run --state-dir <dir>` in a new session (no terminal, no
+/// signals meant for the caller's process group), stdin from /dev/null, output to `log`.
+fn spawn_detached(dir: &Path, mode: Mode, log: &Path) -> Result<Child, Error> {
+    if let Some(parent) = log.parent() {
+        std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
+    }
+    let stdout = File::create(log).map_err(Error::io(log))?;
+    let stderr = stdout.try_clone().map_err(Error::io(log))?;
+    let exe = std::env::current_exe().map_err(Error::io("/proc/self/exe"))?;
+    let mut command = if Path::new(SETSID).is_file() {
+        let mut command = Command::new(SETSID);
+        command.arg(&exe);
+        command
+    } else {
+        let mut command = Command::new(&exe);
+        command.process_group(0);
+        command
+    };
+    command
+        .arg("run")
+        .arg("--state-dir")
+        .arg(dir)
+        .arg("--ignore-stdin");
+    if mode == Mode::WithControllers {
+        command.arg("--with-controllers");
+    }
+    command
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .map_err(|source| Error::Spawn {
+            program: exe,
+            source,
+        })
 }
 
 /// Waits until the supervisor `pid` of `dir`, which another `up` may still be starting,
@@ -374,9 +372,24 @@ async fn wait_gone(pid: u32, dir: &Path, timeout: Duration) -> bool {
     true
 }
 
-/// `${SALLYPORT_CACHE:-~/.cache/sallyport}/cluster/local`, the state directory of `up`.
+fn env() -> Result<(), Error> {
+    let dir = local_state_dir()?;
+    if supervisor_pid(&dir).is_none() || !dir.join(READY_FILE).is_file() {
+        return Err(Error::NotUp { state_dir: dir });
+    }
+    let kubeconfig = dir.join("kubeconfig");
+    let bin = dir.join("bin");
+    if bin.join("kubectl").is_file() {
+        print_line(&format!("export PATH={}:$PATH", bin.display()))?;
+    }
+    print_line(&format!("export KUBECONFIG={}", kubeconfig.display()))
+}
+
+/// `${SALLYPORT_CACHE:-~/.cache/sallyport}/cluster/local`, the state directory of `up`,
+/// made absolute (it is matched against the supervisor's command line).
 fn local_state_dir() -> Result<PathBuf, Error> {
-    Ok(cache_root()?.join("cluster").join("local"))
+    let dir = cache_root()?.join("cluster").join("local");
+    std::path::absolute(&dir).map_err(Error::io(dir))
 }
 
 /// The pid of the live supervisor of `dir`, if any.

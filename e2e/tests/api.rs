@@ -3,7 +3,6 @@
 //! message naming the field, and kubectl shows the printer columns and field docs.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -101,10 +100,7 @@ fn kubectl(
     control_plane: &ControlPlane,
     args: &[&str],
 ) -> Result<String, Box<dyn std::error::Error>> {
-    let output = Command::new(std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".to_owned()))
-        .args(args)
-        .env("KUBECONFIG", control_plane.kubeconfig_path())
-        .output()?;
+    let output = control_plane.kubectl().args(args).output()?;
     if !output.status.success() {
         return Err(format!(
             "kubectl {} failed: {}",

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, Pod, PodSpec, 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::wait::await_condition;
-use sallyport_e2e::controlplane::{ControlPlane, Error, Mode};
+use sallyport_e2e::controlplane::{ControlPlane, Error, FAKE_NODE, Mode};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -142,7 +142,7 @@ async fn deployment_becomes_available_on_the_kwok_node() -> TestResult {
     let spec = pod.spec.as_ref();
     assert_eq!(
         spec.and_then(|spec| spec.node_name.as_deref()),
-        Some("kwok-node-0")
+        Some(FAKE_NODE)
     );
     let phase = pod
         .status

@@ -3,7 +3,7 @@ use std::process::Stdio;
 use std::time::Instant;
 
 use tokio::process::Command;
-use tracing::info;
+use tracing::{debug, info};
 
 use super::{Error, Mode};
 
@@ -35,7 +35,7 @@ impl Binaries {
     /// cache directory (`KUBE_VERSION`, `ETCD_VERSION`, `KWOK_VERSION`, `SALLYPORT_CACHE`
     /// choose which) and is a no-op when all are there. Its progress goes to stderr.
     pub async fn build() -> Result<Self, Error> {
-        info!("looking for cached control-plane binaries (a cold build takes 10+ minutes)");
+        debug!("running build-binaries.sh");
         let started = Instant::now();
         let output = Command::new("bash")
             .arg("-c")
@@ -78,11 +78,7 @@ impl Binaries {
     }
 
     fn check(&self, mode: Mode) -> Result<(), Error> {
-        match mode
-            .files()
-            .iter()
-            .find(|name| !self.path(name).is_file())
-        {
+        match mode.files().iter().find(|name| !self.path(name).is_file()) {
             Some(name) => Err(Error::MissingBinary {
                 name,
                 dir: self.dir.clone(),

@@ -56,6 +56,26 @@ impl Cluster {
         &self.kubeconfig
     }
 
+    /// `<state dir>/bin/kubectl`: the kubectl built with the control plane (same version),
+    /// present when the binaries directory holds one.
+    pub fn kubectl_path(&self) -> PathBuf {
+        self.state_dir.join("bin").join("kubectl")
+    }
+
+    /// Links the binaries' kubectl into the state directory, so tests and users find the
+    /// kubectl that matches the apiserver next to its kubeconfig.
+    fn link_kubectl(&self, binaries: &Binaries) -> Result<(), Error> {
+        let kubectl = binaries.path("kubectl");
+        if !kubectl.is_file() {
+            return Ok(());
+        }
+        let link = self.kubectl_path();
+        if let Some(bin) = link.parent() {
+            std::fs::create_dir_all(bin).map_err(Error::io(bin))?;
+        }
+        std::os::unix::fs::symlink(&kubectl, &link).map_err(Error::io(&link))
+    }
+
     /// Generates the PKI, starts etcd and kube-apiserver (and, for
     /// [`Mode::WithControllers`], the controllers and a fake Node), and returns once all
     /// are ready. Each readiness condition gets [`READY_TIMEOUT`].
@@ -69,6 +89,7 @@ impl Cluster {
         let pki = Pki::generate(&self.state_dir.join("pki"))?;
         let logs = self.state_dir.join("logs");
         std::fs::create_dir_all(&logs).map_err(Error::io(&logs))?;
+        self.link_kubectl(binaries)?;
 
         let [etcd_client, etcd_peer, apiserver] = free_ports()?;
         let etcd_data = self.state_dir.join("etcd").display().to_string();
@@ -93,10 +114,6 @@ impl Cluster {
             "--bind-address=127.0.0.1".to_owned(),
             "--advertise-address=127.0.0.1".to_owned(),
             format!("--secure-port={apiserver}"),
-            format!(
-                "--cert-dir={}",
-                self.state_dir.join("kube-apiserver").display()
-            ),
             format!("--tls-cert-file={}", pki.serving_cert.display()),
             format!("--tls-private-key-file={}", pki.serving_key.display()),
             format!("--client-ca-file={}", pki.ca_cert.display()),
@@ -215,7 +232,10 @@ impl Cluster {
         self.wait_until("kwok", "the fake Node is Ready", || node_ready(client))
             .await?;
         self.wait_until("kwok", "the fake Node's Lease exists", || {
-            exists::<Lease>(Api::namespaced(client.clone(), "kube-node-lease"), FAKE_NODE)
+            exists::<Lease>(
+                Api::namespaced(client.clone(), "kube-node-lease"),
+                FAKE_NODE,
+            )
         })
         .await?;
         self.wait_until(

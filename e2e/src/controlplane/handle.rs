@@ -98,6 +98,26 @@ impl ControlPlane {
         self.kubeconfig.parent()
     }
 
+    /// A `kubectl` command for this control plane: `KUBECONFIG` is set, and the program is
+    /// `$KUBECTL` when set, else the kubectl built with the control plane (same version),
+    /// else `kubectl` from `PATH`.
+    pub fn kubectl(&self) -> std::process::Command {
+        let bundled = self.kubeconfig.with_file_name("bin").join("kubectl");
+        let program = std::env::var_os("KUBECTL")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                if bundled.is_file() {
+                    bundled
+                } else {
+                    PathBuf::from("kubectl")
+                }
+            });
+        let mut command = std::process::Command::new(program);
+        command.env("KUBECONFIG", &self.kubeconfig);
+        command
+    }
+
     /// A new admin client. Make one per test: a client is tied to the Tokio runtime it was
     /// made on, and each `#[tokio::test]` has its own.
     pub async fn client(&self) -> Result<kube::Client, Error> {

@@ -19,7 +19,7 @@ mod process;
 use std::path::PathBuf;
 
 pub use binaries::Binaries;
-pub use cluster::Cluster;
+pub use cluster::{Cluster, FAKE_NODE, READY_TIMEOUT, STOP_GRACE};
 pub use error::Error;
 pub use handle::ControlPlane;
 pub use kubeconfig::client;
