@@ -31,7 +31,8 @@ unit: ## Unit and in-process tests (no control plane)
 	$(CARGO) test --workspace --exclude sallyport-e2e
 
 .PHONY: e2e
-e2e: controlplane ## End-to-end tests against a real etcd + kube-apiserver on loopback
+e2e: controlplane ## End-to-end tests against a real control plane, with Sallyport's binaries as real processes
+	$(CARGO) build --workspace --bins
 	$(CARGO) test -p sallyport-e2e --tests
 
 .PHONY: lint

@@ -3,10 +3,14 @@
 //! - [`controlplane`]: a real Kubernetes control plane on loopback (etcd and kube-apiserver,
 //!   optionally kube-controller-manager, kube-scheduler and kwok), and the [`ControlPlane`]
 //!   handle tests use to get one.
+//! - [`manifests`]: the repository's CRDs and examples, applied as tests need them.
+//! - [`process`]: Sallyport's own binaries run as real processes, killed when dropped.
 //! - [`supervisor`]: the `sallyport-cluster` command that runs a control plane as its children
 //!   and cleans up after it.
 //!
 //! [`ControlPlane`]: controlplane::ControlPlane
 
 pub mod controlplane;
+pub mod manifests;
+pub mod process;
 pub mod supervisor;

@@ -2,27 +2,16 @@
 //! become Established, every example is accepted, malformed objects are rejected with a
 //! message naming the field, and kubectl shows the printer columns and field docs.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
-use kube::runtime::wait::{await_condition, conditions};
+use kube::api::{Api, Patch, PatchParams};
 use sallyport_e2e::controlplane::{ControlPlane, Mode};
-use serde::Deserialize;
+use sallyport_e2e::manifests::{api_for, create, install_crds, repo_path, yaml_documents};
 use serde_json::{Value, json};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-/// Bound on waiting for a CRD to be served; generous for a busy 2-core machine.
-const ESTABLISH_TIMEOUT: Duration = Duration::from_secs(60);
-
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(relative)
-}
 
 /// The shared control plane with the committed CRDs (crds/*.yaml) installed and
 /// Established.
@@ -31,69 +20,8 @@ async fn control_plane() -> Result<&'static ControlPlane, Box<dyn std::error::Er
         Path::new(env!("CARGO_BIN_EXE_sallyport-cluster")),
         Mode::ApiServer,
     )?;
-    let crds = Api::<CustomResourceDefinition>::all(control_plane.client().await?);
-    let mut names = Vec::new();
-    for document in yaml_documents(&repo_path("crds"))? {
-        let crd: CustomResourceDefinition = serde_json::from_value(document)?;
-        let name = crd.metadata.name.clone().ok_or("a CRD without a name")?;
-        crds.patch(
-            &name,
-            &PatchParams::apply("sallyport-e2e").force(),
-            &Patch::Apply(&crd),
-        )
-        .await?;
-        names.push(name);
-    }
-    for name in names {
-        tokio::time::timeout(
-            ESTABLISH_TIMEOUT,
-            await_condition(crds.clone(), &name, conditions::is_crd_established()),
-        )
-        .await
-        .map_err(|_| format!("CRD {name} was not Established within {ESTABLISH_TIMEOUT:?}"))??;
-    }
+    install_crds(&control_plane.client().await?).await?;
     Ok(control_plane)
-}
-
-/// Every YAML document of every `*.yaml` file in `dir`, sorted by file name.
-fn yaml_documents(dir: &Path) -> Result<Vec<Value>, Box<dyn std::error::Error>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .map(|entry| entry.map(|e| e.path()))
-        .collect::<Result<_, _>>()?;
-    files.retain(|path| path.extension().is_some_and(|ext| ext == "yaml"));
-    files.sort();
-    let mut documents = Vec::new();
-    for file in files {
-        let text = std::fs::read_to_string(&file)?;
-        for document in serde_yaml::Deserializer::from_str(&text) {
-            let value =
-                Value::deserialize(document).map_err(|e| format!("{}: {e}", file.display()))?;
-            if !value.is_null() {
-                documents.push(value);
-            }
-        }
-    }
-    Ok(documents)
-}
-
-/// The namespaced API for whatever kind `object` is.
-fn api_for(client: kube::Client, namespace: &str, object: &Value) -> Api<DynamicObject> {
-    let api_version = object["apiVersion"].as_str().unwrap_or_default();
-    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-    let kind = object["kind"].as_str().unwrap_or_default();
-    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
-    Api::namespaced_with(client, namespace, &resource)
-}
-
-async fn create(
-    client: kube::Client,
-    namespace: &str,
-    object: &Value,
-) -> kube::Result<DynamicObject> {
-    let api = api_for(client, namespace, object);
-    let dynamic: DynamicObject =
-        serde_json::from_value(object.clone()).map_err(kube::Error::SerdeError)?;
-    api.create(&PostParams::default(), &dynamic).await
 }
 
 fn kubectl(

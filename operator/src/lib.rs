@@ -2,12 +2,24 @@
 //! `ConditionalAccessPolicy` and `Connector` objects into the proxy fleet, the connector
 //! Deployments, the PKI and the compiled fleet configuration.
 //!
-//! The controllers arrive with the operator issue; today the binary identifies itself
-//! and prints the CustomResourceDefinitions it serves.
+//! Today it reconciles PublishedApps (references, route conflicts, conditions, Events)
+//! and ConditionalAccessPolicies (matched apps); the fleet, connectors and PKI follow.
+
+pub mod conditional_access_policy;
+pub mod conditions;
+pub mod context;
+pub mod error;
+pub mod external_url;
+pub mod policy_selection;
+pub mod published_app;
+pub mod run;
+pub mod tls;
 
 use std::io::Write;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+
+use crate::context::OperatorConfig;
 
 /// Command-line interface of `sallyport-operator`.
 #[derive(Debug, Parser)]
@@ -19,7 +31,7 @@ use clap::{Parser, Subcommand};
 ConditionalAccessPolicy and the system-made Connector) into the proxy fleet, connector \
 Deployments, PKI Secrets and a compiled, versioned fleet configuration, and reports honest \
 status on every object.\n\nWithout a command it prints its version and exits.",
-    after_help = "Examples:\n  sallyport-operator crds | kubectl apply --server-side -f -\n  sallyport-operator --version"
+    after_help = "Examples:\n  sallyport-operator crds | kubectl apply --server-side -f -\n  sallyport-operator run --namespace sallyport-system --default-tls-secret sallyport-system/wildcard-tls"
 )]
 pub struct Cli {
     /// What to do.
@@ -30,9 +42,70 @@ pub struct Cli {
 /// Sub-commands of `sallyport-operator`.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the controllers until SIGINT or SIGTERM, using the in-cluster service account
+    /// or $KUBECONFIG.
+    Run(RunArgs),
     /// Print the CustomResourceDefinitions of the Sallyport API as YAML, ready for
     /// `kubectl apply --server-side -f -`.
     Crds,
+}
+
+/// Settings of `sallyport-operator run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The operator's namespace. ConditionalAccessPolicies placed here apply to every
+    /// PublishedApp of the fleet.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "sallyport-system")]
+    pub namespace: String,
+
+    /// The TLS Secret, as NAMESPACE/NAME, served for apps without spec.tls.
+    #[arg(long, env = "SALLYPORT_DEFAULT_TLS_SECRET", value_parser = parse_namespaced_name)]
+    pub default_tls_secret: Option<(String, String)>,
+
+    /// The issuer URL of the fleet's default OpenID Connect provider, for apps that name
+    /// none.
+    #[arg(long, env = "SALLYPORT_DEFAULT_OIDC_ISSUER")]
+    pub default_oidc_issuer: Option<String>,
+
+    /// Log format: `text` for people, `json` for log pipelines.
+    #[arg(long, env = "SALLYPORT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+impl RunArgs {
+    /// The operator configuration these arguments describe.
+    pub fn config(&self) -> OperatorConfig {
+        OperatorConfig {
+            operator_namespace: self.namespace.clone(),
+            default_tls_secret: self.default_tls_secret.clone(),
+            default_oidc_provider: self.default_oidc_issuer.is_some(),
+        }
+    }
+}
+
+fn parse_namespaced_name(text: &str) -> Result<(String, String), String> {
+    match text.split_once('/') {
+        Some((namespace, name))
+            if !namespace.is_empty() && !name.is_empty() && !name.contains('/') =>
+        {
+            Ok((namespace.to_owned(), name.to_owned()))
+        }
+        _ => Err(format!("{text:?} is not NAMESPACE/NAME")),
+    }
+}
+
+/// Sets up logging to stderr; `RUST_LOG` overrides the default `info` level.
+pub fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
 }
 
 /// The operator could not do what it was asked.
@@ -41,6 +114,12 @@ pub enum OperatorError {
     /// Rendering the CustomResourceDefinitions failed.
     #[error(transparent)]
     Crds(#[from] sallyport_api::crdgen::CrdgenError),
+    /// The controllers could not run.
+    #[error(transparent)]
+    Run(#[from] run::RunError),
+    /// The async runtime could not start.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
     /// Writing to stdout failed.
     #[error("cannot write to stdout: {0}")]
     Stdout(#[from] std::io::Error),
@@ -49,6 +128,14 @@ pub enum OperatorError {
 /// Runs the command `cli` asks for, writing its output to `out`.
 pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), OperatorError> {
     match cli.command {
+        Some(Command::Run(args)) => {
+            init_tracing(&args.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(OperatorError::Runtime)?;
+            runtime.block_on(run::run(args.config()))?;
+        }
         Some(Command::Crds) => {
             for crd in sallyport_api::custom_resource_definitions() {
                 out.write_all(sallyport_api::crdgen::render(&crd)?.as_bytes())?;
@@ -77,6 +164,37 @@ mod tests {
         ] {
             assert!(text.contains(&format!("kind: {kind}\n")), "{kind} missing");
         }
+    }
+
+    #[test]
+    fn run_arguments_become_the_operator_configuration() {
+        let cli = Cli::parse_from([
+            "sallyport-operator",
+            "run",
+            "--namespace",
+            "platform",
+            "--default-tls-secret",
+            "platform/wildcard",
+        ]);
+        let Some(Command::Run(args)) = cli.command else {
+            panic!("expected run")
+        };
+        let config = args.config();
+        assert_eq!(config.operator_namespace, "platform");
+        assert_eq!(
+            config.default_tls_secret,
+            Some(("platform".into(), "wildcard".into()))
+        );
+        assert!(!config.default_oidc_provider);
+        assert!(
+            Cli::try_parse_from([
+                "sallyport-operator",
+                "run",
+                "--default-tls-secret",
+                "no-namespace"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

@@ -1,0 +1,353 @@
+//! The operator as a real process against a real kube-apiserver: PublishedApp and
+//! ConditionalAccessPolicy status tell the truth as references appear, break and get
+//! fixed, routes conflict, policies change, and a restart changes nothing.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::path::Path;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Resource, ResourceExt};
+use sallyport_api::{ConditionalAccessPolicy, ConnectorGroup, PublishedApp};
+use sallyport_e2e::controlplane::{ControlPlane, Mode};
+use sallyport_e2e::manifests::install_crds;
+use sallyport_e2e::process::OwnedProcess;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Bound on waiting for the operator to react; generous for a busy 2-core machine.
+const REACTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Polls `name` until `check` holds, returning it; on timeout, the error shows the object.
+async fn wait_for<K>(
+    api: &Api<K>,
+    name: &str,
+    what: &str,
+    check: impl Fn(&K) -> bool,
+) -> Result<K, String>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+{
+    let deadline = tokio::time::Instant::now() + REACTION_TIMEOUT;
+    loop {
+        let current = api.get_opt(name).await.map_err(|e| e.to_string())?;
+        if let Some(object) = current.as_ref().filter(|o| check(o)) {
+            return Ok(object.clone());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "{name}: {what} did not happen within {REACTION_TIMEOUT:?}; last seen: {current:#?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `(status, reason)` of the condition `type_` of an app.
+fn condition(app: &PublishedApp, type_: &str) -> Option<(String, String)> {
+    let conditions = &app.status.as_ref()?.conditions;
+    let found = conditions.iter().find(|c| c.type_ == type_)?;
+    Some((found.status.clone(), found.reason.clone()))
+}
+
+fn has(app: &PublishedApp, type_: &str, status: &str, reason: &str) -> bool {
+    condition(app, type_) == Some((status.to_owned(), reason.to_owned()))
+}
+
+fn tls_secret(name: &str, host: &str) -> Result<Secret, Box<dyn std::error::Error>> {
+    let key = rcgen::KeyPair::generate()?;
+    let certificate = rcgen::CertificateParams::new(vec![host.to_owned()])?.self_signed(&key)?;
+    Ok(Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            ..ObjectMeta::default()
+        },
+        type_: Some("kubernetes.io/tls".to_owned()),
+        data: Some(BTreeMap::from([
+            (
+                "tls.crt".to_owned(),
+                ByteString(certificate.pem().into_bytes()),
+            ),
+            (
+                "tls.key".to_owned(),
+                ByteString(key.serialize_pem().into_bytes()),
+            ),
+        ])),
+        ..Secret::default()
+    })
+}
+
+fn from_yaml<K: DeserializeOwned>(yaml: &str) -> Result<K, serde_yaml::Error> {
+    serde_yaml::from_str(yaml)
+}
+
+/// resourceVersions of every Sallyport object in `namespaces`: equal snapshots mean the
+/// operator wrote nothing in between.
+async fn snapshot(
+    client: &kube::Client,
+    namespaces: &[&str],
+) -> Result<BTreeMap<String, String>, kube::Error> {
+    let mut versions = BTreeMap::new();
+    for namespace in namespaces {
+        let lp = ListParams::default();
+        for o in Api::<PublishedApp>::namespaced(client.clone(), namespace)
+            .list(&lp)
+            .await?
+        {
+            versions.insert(
+                format!("papp/{namespace}/{}", o.name_any()),
+                o.resource_version().unwrap_or_default(),
+            );
+        }
+        for o in Api::<ConditionalAccessPolicy>::namespaced(client.clone(), namespace)
+            .list(&lp)
+            .await?
+        {
+            versions.insert(
+                format!("cap/{namespace}/{}", o.name_any()),
+                o.resource_version().unwrap_or_default(),
+            );
+        }
+        for o in Api::<ConnectorGroup>::namespaced(client.clone(), namespace)
+            .list(&lp)
+            .await?
+        {
+            versions.insert(
+                format!("cg/{namespace}/{}", o.name_any()),
+                o.resource_version().unwrap_or_default(),
+            );
+        }
+        let events = Api::<Event>::namespaced(client.clone(), namespace)
+            .list(&lp)
+            .await?;
+        versions.insert(
+            format!("events/{namespace}"),
+            events.items.len().to_string(),
+        );
+    }
+    Ok(versions)
+}
+
+fn start_operator(
+    control_plane: &ControlPlane,
+    namespace: &str,
+) -> Result<OwnedProcess, Box<dyn std::error::Error>> {
+    let kubeconfig = control_plane.kubeconfig_path().display().to_string();
+    Ok(OwnedProcess::start(
+        "sallyport-operator",
+        &[
+            "run",
+            "--namespace",
+            namespace,
+            "--default-oidc-issuer",
+            "https://login.example.com/",
+        ],
+        &[("KUBECONFIG", &kubeconfig), ("RUST_LOG", "info,kube=warn")],
+    )?)
+}
+
+#[tokio::test]
+async fn the_operator_reports_the_truth_about_apps_and_policies() -> TestResult {
+    let control_plane = ControlPlane::shared(
+        Path::new(env!("CARGO_BIN_EXE_sallyport-cluster")),
+        Mode::ApiServer,
+    )?;
+    let client = control_plane.client().await?;
+    install_crds(&client).await?;
+    let operator_namespace = control_plane.create_namespace("sallyport-system").await?;
+    let namespace = control_plane.create_namespace("team").await?;
+    let mut operator = start_operator(control_plane, &operator_namespace)?;
+
+    let apps = Api::<PublishedApp>::namespaced(client.clone(), &namespace);
+    let groups = Api::<ConnectorGroup>::namespaced(client.clone(), &namespace);
+    let secrets = Api::<Secret>::namespaced(client.clone(), &namespace);
+    let policies = Api::<ConditionalAccessPolicy>::namespaced(client.clone(), &namespace);
+    let pp = PostParams::default();
+
+    // 1. A dangling ConnectorGroup reference is reported, with an Event.
+    let wiki: PublishedApp = from_yaml(
+        "apiVersion: sallyport.dev/v1alpha1\nkind: PublishedApp\nmetadata: {name: wiki, labels: {tier: internal}}\nspec:\n  externalUrl: https://wiki.apps.example.com/\n  internalUrl: http://wiki.corp.internal/\n  connectorGroup: {name: dc}\n  tls: {secretName: wiki-tls}\n",
+    )?;
+    apps.create(&pp, &wiki).await?;
+    let seen = wait_for(&apps, "wiki", "ConnectorGroupNotFound", |a| {
+        has(a, "ResolvedRefs", "False", "ConnectorGroupNotFound")
+    })
+    .await?;
+    assert!(has(&seen, "Accepted", "True", "Accepted"));
+    assert!(has(&seen, "Ready", "False", "RefsNotResolved"));
+    assert_eq!(
+        seen.status.as_ref().and_then(|s| s.url.as_deref()),
+        Some("https://wiki.apps.example.com/")
+    );
+    let events = Api::<Event>::namespaced(client.clone(), &namespace)
+        .list(&ListParams::default())
+        .await?;
+    assert!(
+        events
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ConnectorGroupNotFound")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("wiki")),
+        "no ConnectorGroupNotFound Event for wiki: {events:#?}"
+    );
+
+    // 2. The group appears; the TLS Secret is missing, then wrong, then right.
+    groups.create(&pp, &from_yaml("apiVersion: sallyport.dev/v1alpha1\nkind: ConnectorGroup\nmetadata: {name: dc}\nspec: {}\n")?).await?;
+    wait_for(&apps, "wiki", "TLSSecretNotFound", |a| {
+        has(a, "ResolvedRefs", "False", "TLSSecretNotFound")
+    })
+    .await?;
+    secrets
+        .create(&pp, &tls_secret("wiki-tls", "other.example.com")?)
+        .await?;
+    let seen = wait_for(&apps, "wiki", "TLSSecretInvalid", |a| {
+        has(a, "ResolvedRefs", "False", "TLSSecretInvalid")
+    })
+    .await?;
+    let message = seen
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "ResolvedRefs"))
+        .map(|c| c.message.clone());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("not for wiki.apps.example.com")),
+        "{message:?}"
+    );
+    secrets
+        .replace(
+            "wiki-tls",
+            &pp,
+            &tls_secret("wiki-tls", "*.apps.example.com")?,
+        )
+        .await?;
+    wait_for(&apps, "wiki", "NoConnectedConnectors", |a| {
+        has(a, "ResolvedRefs", "True", "ResolvedRefs")
+            && has(a, "Ready", "False", "NoConnectedConnectors")
+    })
+    .await?;
+
+    // 3. Connectors connect (the group's status, as its controller will write it): Ready.
+    let connected = json!({"status": {"connectedConnectors": 2, "desiredConnectors": 2}});
+    groups
+        .patch_status("dc", &PatchParams::default(), &Patch::Merge(&connected))
+        .await?;
+    let seen = wait_for(&apps, "wiki", "Ready", |a| has(a, "Ready", "True", "Ready")).await?;
+    let group_readiness = seen.status.and_then(|s| s.connector_group);
+    assert_eq!(
+        group_readiness.map(|g| (g.ready, g.connected_connectors)),
+        Some((true, 2))
+    );
+
+    // 4. Policies: one of the app's namespace selecting it, and a fleet-wide baseline.
+    let policy = |name: &str, apps: &str| {
+        from_yaml::<ConditionalAccessPolicy>(&format!(
+            "apiVersion: sallyport.dev/v1alpha1\nkind: ConditionalAccessPolicy\nmetadata: {{name: {name}}}\nspec:\n  assignments: {{apps: {apps}, users: {{include: ['*']}}}}\n  grant: {{require: {{mfa: true}}}}\n"
+        ))
+    };
+    policies
+        .create(
+            &pp,
+            &policy("require-mfa", "{selector: {matchLabels: {tier: internal}}}")?,
+        )
+        .await?;
+    Api::<ConditionalAccessPolicy>::namespaced(client.clone(), &operator_namespace)
+        .create(&pp, &policy("baseline", "{selector: {}}")?)
+        .await?;
+    let expected = vec![
+        "require-mfa".to_owned(),
+        format!("{operator_namespace}/baseline"),
+    ];
+    wait_for(&apps, "wiki", "appliedPolicies", |a| {
+        a.status
+            .as_ref()
+            .is_some_and(|s| s.applied_policies == expected)
+    })
+    .await?;
+    let seen = wait_for(&policies, "require-mfa", "matchedApps 1", |p| {
+        p.status.as_ref().is_some_and(|s| s.matched_apps == 1)
+    })
+    .await?;
+    let ready = seen
+        .status
+        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"));
+    assert_eq!(
+        ready.map(|c| (c.status, c.reason)),
+        Some(("True".to_owned(), "Enforced".to_owned()))
+    );
+
+    // 5. A second app on the same route is refused while the first holds it.
+    let copy: PublishedApp = from_yaml(
+        "apiVersion: sallyport.dev/v1alpha1\nkind: PublishedApp\nmetadata: {name: wiki-copy}\nspec:\n  externalUrl: https://wiki.apps.example.com\n  internalUrl: http://wiki2.corp.internal/\n  connectorGroup: {name: dc}\n  tls: {secretName: wiki-tls}\n",
+    )?;
+    apps.create(&pp, &copy).await?;
+    let seen = wait_for(&apps, "wiki-copy", "HostConflict", |a| {
+        has(a, "Accepted", "False", "HostConflict")
+    })
+    .await?;
+    let message = seen
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Accepted"))
+        .map(|c| c.message.clone());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains(&format!("{namespace}/wiki"))),
+        "{message:?}"
+    );
+    assert!(
+        has(&apps.get("wiki").await?, "Accepted", "True", "Accepted"),
+        "the older app must keep its route"
+    );
+
+    apps.delete("wiki", &DeleteParams::default()).await?;
+    wait_for(&apps, "wiki-copy", "route released", |a| {
+        has(a, "Accepted", "True", "Accepted") && has(a, "Ready", "True", "Ready")
+    })
+    .await?;
+    wait_for(&policies, "require-mfa", "matchedApps 0", |p| {
+        p.status.as_ref().is_some_and(|s| s.matched_apps == 0)
+    })
+    .await?;
+
+    // 6. Settled, the operator writes nothing, and a restarted operator writes nothing either.
+    let watched = [namespace.as_str(), operator_namespace.as_str()];
+    let before = snapshot(&client, &watched).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        snapshot(&client, &watched).await?,
+        before,
+        "the operator wrote to a settled cluster"
+    );
+    operator.stop();
+    operator = start_operator(control_plane, &operator_namespace)?;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        snapshot(&client, &watched).await?,
+        before,
+        "a restarted operator wrote to a settled cluster"
+    );
+
+    // ... and it is alive: a label change is picked up.
+    let label = json!({"metadata": {"labels": {"tier": "internal"}}});
+    apps.patch("wiki-copy", &PatchParams::default(), &Patch::Merge(&label))
+        .await?;
+    wait_for(
+        &policies,
+        "require-mfa",
+        "matchedApps 1 after restart",
+        |p| p.status.as_ref().is_some_and(|s| s.matched_apps == 1),
+    )
+    .await?;
+    operator.stop();
+    Ok(())
+}

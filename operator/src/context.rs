@@ -1,0 +1,33 @@
+//! What every reconcile shares: the client, the operator's configuration, caches and the
+//! Event recorder.
+
+use kube::Client;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::Store;
+use sallyport_api::PublishedApp;
+
+/// The field manager of every write the operator makes (server-side apply).
+pub const FIELD_MANAGER: &str = "sallyport-operator";
+
+/// Fleet-wide settings of the operator, from its command line (set by the Helm chart).
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    /// The operator's namespace; ConditionalAccessPolicies here apply to every app.
+    pub operator_namespace: String,
+    /// The TLS Secret (`namespace`, `name`) for apps without `spec.tls`.
+    pub default_tls_secret: Option<(String, String)>,
+    /// Whether a default OpenID Connect provider is configured for apps that name none.
+    pub default_oidc_provider: bool,
+}
+
+/// Shared state of the controllers.
+pub struct Context {
+    /// The Kubernetes client.
+    pub client: Client,
+    /// Fleet-wide settings.
+    pub config: OperatorConfig,
+    /// Every PublishedApp in the cluster, as the PublishedApp controller sees them.
+    pub apps: Store<PublishedApp>,
+    /// Publishes Events on the objects the operator reconciles.
+    pub recorder: Recorder,
+}
