@@ -21,6 +21,7 @@ pub mod connector;
 pub mod connector_group;
 pub mod crdgen;
 pub mod duration;
+pub mod fleet_config;
 pub mod published_app;
 
 pub use common::{ObjectReference, SecretKeyReference};
@@ -30,6 +31,7 @@ pub use conditional_access_policy::{
 pub use connector::{Connector, ConnectorSpec, ConnectorStatus};
 pub use connector_group::{ConnectorGroup, ConnectorGroupSpec, ConnectorGroupStatus};
 pub use duration::Duration;
+pub use fleet_config::{FleetConfig, GroupSlice};
 pub use published_app::{PublishedApp, PublishedAppSpec, PublishedAppStatus};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -87,3 +87,33 @@ impl Drop for OwnedProcess {
         self.kill();
     }
 }
+
+/// Starts `sallyport-operator run` against the control plane of `kubeconfig`, with
+/// `operator_namespace` as its namespace, its probes on a free loopback port (tests run
+/// side by side), a fixed identity (so a restarted operator takes its Lease back at
+/// once), and `extra_args`.
+pub fn start_operator(
+    kubeconfig: &std::path::Path,
+    operator_namespace: &str,
+    extra_args: &[&str],
+) -> Result<OwnedProcess, ProcessError> {
+    let kubeconfig = kubeconfig.display().to_string();
+    let identity = format!("e2e-operator-{operator_namespace}");
+    let mut args = vec![
+        "run",
+        "--namespace",
+        operator_namespace,
+        "--probe-address",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra_args);
+    OwnedProcess::start(
+        "sallyport-operator",
+        &args,
+        &[
+            ("KUBECONFIG", &kubeconfig),
+            ("POD_NAME", &identity),
+            ("RUST_LOG", "info,kube=warn"),
+        ],
+    )
+}

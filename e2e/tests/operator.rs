@@ -13,10 +13,12 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
-use sallyport_api::{ConditionalAccessPolicy, ConnectorGroup, PublishedApp};
+use sallyport_api::{ConditionalAccessPolicy, Connector, ConnectorGroup, PublishedApp};
 use sallyport_e2e::controlplane::{ControlPlane, Mode};
 use sallyport_e2e::manifests::install_crds;
-use sallyport_e2e::process::OwnedProcess;
+use sallyport_e2e::process::{
+    OwnedProcess, ProcessError, start_operator as start_operator_process,
+};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
@@ -138,19 +140,12 @@ async fn snapshot(
 fn start_operator(
     control_plane: &ControlPlane,
     namespace: &str,
-) -> Result<OwnedProcess, Box<dyn std::error::Error>> {
-    let kubeconfig = control_plane.kubeconfig_path().display().to_string();
-    Ok(OwnedProcess::start(
-        "sallyport-operator",
-        &[
-            "run",
-            "--namespace",
-            namespace,
-            "--default-oidc-issuer",
-            "https://login.example.com/",
-        ],
-        &[("KUBECONFIG", &kubeconfig), ("RUST_LOG", "info,kube=warn")],
-    )?)
+) -> Result<OwnedProcess, ProcessError> {
+    start_operator_process(
+        control_plane.kubeconfig_path(),
+        namespace,
+        &["--default-oidc-issuer", "https://login.example.com/"],
+    )
 }
 
 #[tokio::test]
@@ -198,6 +193,24 @@ async fn the_operator_reports_the_truth_about_apps_and_policies() -> TestResult 
         "no ConnectorGroupNotFound Event for wiki: {events:#?}"
     );
 
+    // The fleet's PKI and keys exist in the operator's namespace.
+    let fleet_secrets = Api::<Secret>::namespaced(client.clone(), &operator_namespace);
+    let pki = [
+        ("sallyport-root-ca", "tls.key"),
+        ("sallyport-connector-issuer", "tls.key"),
+        ("sallyport-tunnel-tls", "ca.crt"),
+        ("sallyport-session-keys", "keys.json"),
+        ("sallyport-assertion-signing", "jwks.json"),
+    ];
+    for (name, key) in pki {
+        let holds_key = |s: &Secret| {
+            s.data
+                .as_ref()
+                .is_some_and(|d| d.get(key).is_some_and(|v| !v.0.is_empty()))
+        };
+        wait_for(&fleet_secrets, name, "the PKI Secret", holds_key).await?;
+    }
+
     // 2. The group appears; the TLS Secret is missing, then wrong, then right.
     groups.create(&pp, &from_yaml("apiVersion: sallyport.dev/v1alpha1\nkind: ConnectorGroup\nmetadata: {name: dc}\nspec: {}\n")?).await?;
     wait_for(&apps, "wiki", "TLSSecretNotFound", |a| {
@@ -235,16 +248,23 @@ async fn the_operator_reports_the_truth_about_apps_and_policies() -> TestResult 
     })
     .await?;
 
-    // 3. Connectors connect (the group's status, as its controller will write it): Ready.
-    let connected = json!({"status": {"connectedConnectors": 2, "desiredConnectors": 2}});
-    groups
-        .patch_status("dc", &PatchParams::default(), &Patch::Merge(&connected))
+    // 3. A connector of the group connects: the group counts it, and the app is Ready.
+    let connectors = Api::<Connector>::namespaced(client.clone(), &namespace);
+    connectors
+        .create(&pp, &from_yaml("apiVersion: sallyport.dev/v1alpha1\nkind: Connector\nmetadata: {name: conn-1}\nspec: {connectorGroup: dc}\n")?)
+        .await?;
+    let connected = json!({"status": {"conditions": [{
+        "type": "Connected", "status": "True", "reason": "TunnelsUp", "message": "2 tunnels",
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }]}});
+    connectors
+        .patch_status("conn-1", &PatchParams::default(), &Patch::Merge(&connected))
         .await?;
     let seen = wait_for(&apps, "wiki", "Ready", |a| has(a, "Ready", "True", "Ready")).await?;
     let group_readiness = seen.status.and_then(|s| s.connector_group);
     assert_eq!(
         group_readiness.map(|g| (g.ready, g.connected_connectors)),
-        Some((true, 2))
+        Some((true, 1))
     );
 
     // 4. Policies: one of the app's namespace selecting it, and a fleet-wide baseline.

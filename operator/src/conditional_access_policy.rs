@@ -88,6 +88,7 @@ pub async fn reconcile(
     policy: Arc<ConditionalAccessPolicy>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started("ConditionalAccessPolicy");
     ctx.apps.wait_until_ready().await.ok();
     let namespace = policy.namespace().unwrap_or_default();
     let name = policy.name_any();
@@ -124,8 +125,10 @@ pub async fn reconcile(
 pub fn error_policy(
     policy: Arc<ConditionalAccessPolicy>,
     error: &Error,
-    _ctx: Arc<Context>,
+    ctx: Arc<Context>,
 ) -> Action {
+    ctx.metrics
+        .reconcile_failed("ConditionalAccessPolicy", error.metric_label());
     warn!(
         namespace = policy.namespace().unwrap_or_default(),
         name = policy.name_any(),

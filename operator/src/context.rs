@@ -18,6 +18,10 @@ pub struct OperatorConfig {
     pub default_tls_secret: Option<(String, String)>,
     /// Whether a default OpenID Connect provider is configured for apps that name none.
     pub default_oidc_provider: bool,
+    /// The connector image for ConnectorGroups whose `spec.deployment.image` is empty.
+    pub connector_image: String,
+    /// The fleet's PKI and keys.
+    pub pki: crate::pki::PkiSettings,
 }
 
 /// Shared state of the controllers.
@@ -28,6 +32,8 @@ pub struct Context {
     pub config: OperatorConfig,
     /// Every PublishedApp in the cluster, as the PublishedApp controller sees them.
     pub apps: Store<PublishedApp>,
+    /// Reconcile counts, failures and durations, served on `/metrics`.
+    pub metrics: crate::metrics::Metrics,
     /// Publishes Events on the objects the operator reconciles.
     pub recorder: Recorder,
 }

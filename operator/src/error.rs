@@ -6,6 +6,15 @@ pub enum Error {
     /// A Kubernetes API call failed.
     #[error("Kubernetes API call failed: {0}")]
     Kube(#[from] kube::Error),
+    /// The operating system gave no random bytes for a token.
+    #[error("cannot generate a registration token: {0}")]
+    Random(getrandom::Error),
+    /// Building the PKI failed.
+    #[error(transparent)]
+    Pki(crate::pki::build::PkiError),
+    /// A finalizer step failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     /// Building a status or object as JSON failed.
     #[error("cannot serialize {what}: {source}")]
     Serialize {
@@ -23,6 +32,9 @@ impl Error {
             Error::Kube(kube::Error::Api(_)) => "api_error",
             Error::Kube(_) => "kube_client_error",
             Error::Serialize { .. } => "serialize_error",
+            Error::Random(_) => "random_error",
+            Error::Finalizer(_) => "finalizer_error",
+            Error::Pki(_) => "pki_error",
         }
     }
 }

@@ -5,12 +5,20 @@
 //! Today it reconciles PublishedApps (references, route conflicts, conditions, Events)
 //! and ConditionalAccessPolicies (matched apps); the fleet, connectors and PKI follow.
 
+pub mod compile;
 pub mod conditional_access_policy;
 pub mod conditions;
+pub mod connector;
+pub mod connector_group;
 pub mod context;
 pub mod error;
 pub mod external_url;
+pub mod leader;
+pub mod managed;
+pub mod metrics;
+pub mod pki;
 pub mod policy_selection;
+pub mod probes;
 pub mod published_app;
 pub mod run;
 pub mod tls;
@@ -48,6 +56,9 @@ pub enum Command {
     /// Print the CustomResourceDefinitions of the Sallyport API as YAML, ready for
     /// `kubectl apply --server-side -f -`.
     Crds,
+    /// Compile PublishedApps, ConnectorGroups, ConditionalAccessPolicies and Connectors
+    /// from YAML manifests into the fleet configuration, without a cluster.
+    Compile(compile::command::CompileArgs),
 }
 
 /// Settings of `sallyport-operator run`.
@@ -67,20 +78,95 @@ pub struct RunArgs {
     #[arg(long, env = "SALLYPORT_DEFAULT_OIDC_ISSUER")]
     pub default_oidc_issuer: Option<String>,
 
+    /// The connector image for ConnectorGroups whose spec.deployment names none.
+    #[arg(long, env = "SALLYPORT_CONNECTOR_IMAGE", default_value = concat!("ghcr.io/sallyport-dev/sallyport-connector:", env!("CARGO_PKG_VERSION")))]
+    pub connector_image: String,
+
+    /// A host name connectors dial to reach the fleet; the tunnel serving certificate
+    /// covers every one given. Repeat the flag for several. Defaults to the proxy
+    /// Service's in-cluster name.
+    #[arg(
+        long = "tunnel-hostname",
+        env = "SALLYPORT_TUNNEL_HOSTNAMES",
+        value_delimiter = ','
+    )]
+    pub tunnel_hostnames: Vec<String>,
+
+    /// How old the session-cookie key may get before a new one takes over (older keys
+    /// still open existing cookies).
+    #[arg(long, env = "SALLYPORT_SESSION_KEY_ROTATION", default_value = "24h", value_parser = parse_duration)]
+    pub session_key_rotation: std::time::Duration,
+
+    /// How many session-cookie keys the ring keeps, the current one included: sessions
+    /// older than rotation x kept must sign in again.
+    #[arg(long, env = "SALLYPORT_SESSION_KEYS_KEPT", default_value_t = 7, value_parser = clap::value_parser!(u16).range(1..=100))]
+    pub session_keys_kept: u16,
+
+    /// Where to serve the kubelet's probes (`/livez`, `/readyz`) and Prometheus metrics
+    /// (`/metrics`), as ADDRESS:PORT.
+    #[arg(long, env = "SALLYPORT_PROBE_ADDRESS", default_value = "0.0.0.0:8080")]
+    pub probe_address: std::net::SocketAddr,
+
+    /// Leader election: how long the leader's Lease stays valid without renewal; another
+    /// replica takes over after that. Whole seconds (`15s`).
+    #[arg(long, env = "SALLYPORT_LEADER_ELECT_LEASE_DURATION", default_value = "15s", value_parser = leader::parse_duration)]
+    pub leader_elect_lease_duration: std::time::Duration,
+
+    /// Leader election: how long the leader keeps trying to renew its Lease before it
+    /// gives up and exits; shorter than the lease duration.
+    #[arg(long, env = "SALLYPORT_LEADER_ELECT_RENEW_DEADLINE", default_value = "10s", value_parser = leader::parse_duration)]
+    pub leader_elect_renew_deadline: std::time::Duration,
+
+    /// Leader election: how often the leader renews and the other replicas try to take
+    /// the Lease; shorter than the renew deadline.
+    #[arg(long, env = "SALLYPORT_LEADER_ELECT_RETRY_PERIOD", default_value = "2s", value_parser = leader::parse_duration)]
+    pub leader_elect_retry_period: std::time::Duration,
+
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "SALLYPORT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 }
 
 impl RunArgs {
+    /// The probe and leader election settings these arguments describe.
+    pub fn availability(&self) -> run::Availability {
+        run::Availability {
+            probe_address: self.probe_address,
+            lease_timing: leader::LeaseTiming {
+                lease_duration: self.leader_elect_lease_duration,
+                renew_deadline: self.leader_elect_renew_deadline,
+                retry_period: self.leader_elect_retry_period,
+            },
+        }
+    }
+
     /// The operator configuration these arguments describe.
     pub fn config(&self) -> OperatorConfig {
         OperatorConfig {
             operator_namespace: self.namespace.clone(),
             default_tls_secret: self.default_tls_secret.clone(),
             default_oidc_provider: self.default_oidc_issuer.is_some(),
+            connector_image: self.connector_image.clone(),
+            pki: pki::PkiSettings {
+                namespace: self.namespace.clone(),
+                tunnel_hostnames: if self.tunnel_hostnames.is_empty() {
+                    vec![format!("sallyport-proxy.{}.svc", self.namespace)]
+                } else {
+                    self.tunnel_hostnames.clone()
+                },
+                session_key_rotation: pki::build::Rotation {
+                    every: self.session_key_rotation,
+                    keep: usize::from(self.session_keys_kept),
+                },
+            },
         }
     }
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    sallyport_api::Duration::parse(text)
+        .and_then(|d| d.to_std())
+        .map_err(|e| e.to_string())
 }
 
 fn parse_namespaced_name(text: &str) -> Result<(String, String), String> {
@@ -100,7 +186,8 @@ pub fn init_tracing(format: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
         builder.json().init();
     } else {
@@ -123,6 +210,9 @@ pub enum OperatorError {
     /// Writing to stdout failed.
     #[error("cannot write to stdout: {0}")]
     Stdout(#[from] std::io::Error),
+    /// `compile` failed.
+    #[error(transparent)]
+    Compile(#[from] compile::command::CommandError),
 }
 
 /// Runs the command `cli` asks for, writing its output to `out`.
@@ -134,12 +224,15 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), OperatorError> {
                 .enable_all()
                 .build()
                 .map_err(OperatorError::Runtime)?;
-            runtime.block_on(run::run(args.config()))?;
+            runtime.block_on(run::run(args.config(), args.availability()))?;
         }
         Some(Command::Crds) => {
             for crd in sallyport_api::custom_resource_definitions() {
                 out.write_all(sallyport_api::crdgen::render(&crd)?.as_bytes())?;
             }
+        }
+        Some(Command::Compile(args)) => {
+            compile::command::run(&args, out, &mut std::io::stderr().lock())?;
         }
         None => writeln!(out, "sallyport-operator {}", env!("CARGO_PKG_VERSION"))?,
     }

@@ -94,9 +94,8 @@ pub fn applied_policies(
 ) -> AppliedPolicies {
     let mut result = AppliedPolicies::default();
     for policy in policies {
-        let Ok(selection) = AppSelection::new(policy, operator_namespace) else {
-            continue;
-        };
+        // A policy the app names applies even when its own selector is invalid: an app
+        // must never be served without a policy it asked for.
         let named = policy.namespace() == app.namespace()
             && policy.spec.state != PolicyState::Disabled
             && app
@@ -104,9 +103,12 @@ pub fn applied_policies(
                 .conditional_access_policies
                 .iter()
                 .any(|n| n.as_str() == policy.name_any());
-        if selection.selects(app) || named {
-            result.applied.push(
-                if selection.is_fleet_wide() && policy.namespace() != app.namespace() {
+        let selected = AppSelection::new(policy, operator_namespace).is_ok_and(|s| s.selects(app));
+        if named || selected {
+            let fleet_wide = policy.namespace().as_deref() == Some(operator_namespace);
+            result
+                .applied
+                .push(if fleet_wide && policy.namespace() != app.namespace() {
                     format!(
                         "{}/{}",
                         policy.namespace().unwrap_or_default(),
@@ -114,8 +116,7 @@ pub fn applied_policies(
                     )
                 } else {
                     policy.name_any()
-                },
-            );
+                });
         }
     }
     for name in &app.spec.conditional_access_policies {
@@ -205,6 +206,22 @@ spec:
             ]
         );
         assert_eq!(applied.missing, ["missing-one"]);
+    }
+
+    #[test]
+    fn a_named_policy_applies_even_with_an_invalid_selector() {
+        let mut broken = policies();
+        if let Some(named) = broken.iter_mut().find(|p| p.name_any() == "named-one") {
+            named.spec.assignments.apps.selector = serde_yaml::from_str(
+                "{matchExpressions: [{key: tier, operator: Near, values: [x]}]}",
+            )
+            .ok();
+        }
+        let applied = applied_policies(&app(WIKI), &broken, "sallyport-system");
+        assert!(
+            applied.applied.contains(&"named-one".to_owned()),
+            "{applied:?}"
+        );
     }
 
     #[test]

@@ -1,22 +1,51 @@
 //! `sallyport-operator run`: the controllers, wired to their watches, until SIGTERM.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::api::Api;
 use kube::core::PartialObjectMeta;
 use kube::runtime::Controller;
+use kube::runtime::controller::{self, Action};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher::Config as WatcherConfig;
 use kube::{Client, ResourceExt};
-use sallyport_api::{ConditionalAccessPolicy, ConnectorGroup, PublishedApp};
-use tracing::{info, warn};
+use sallyport_api::{ConditionalAccessPolicy, Connector, ConnectorGroup, PublishedApp};
+use tracing::{debug, info, warn};
+
+use tokio_util::sync::CancellationToken;
 
 use crate::context::{Context, OperatorConfig};
+use crate::leader::{self, LeaderElection, LeaderError, LeaseTiming};
+use crate::managed::{CONNECTOR_GROUP_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
+use crate::metrics::{Metrics, MetricsError};
+use crate::probes::{self, ProbeError, ProbeServer, Readiness, ShutdownError};
 use crate::published_app::routes::same_route;
-use crate::{conditional_access_policy, published_app};
+use crate::{conditional_access_policy, connector, connector_group, pki, published_app};
+
+/// Logs what a reconcile ended in. Reconcile failures were logged by the error policy;
+/// an object deleted before its turn is routine.
+fn log_outcome<K, E, W>(
+    kind: &'static str,
+    outcome: Result<(ObjectRef<K>, Action), controller::Error<E, W>>,
+) where
+    K: kube::Resource,
+    E: std::error::Error + 'static,
+    W: std::error::Error + 'static,
+{
+    match outcome {
+        Ok(_) | Err(controller::Error::ReconcilerFailed(..)) => {}
+        Err(controller::Error::ObjectNotFound(object)) => {
+            debug!(kind, %object, "object gone before its reconcile")
+        }
+        Err(error) => warn!(kind, %error, "controller error"),
+    }
+}
 
 /// Failures that stop the operator.
 #[derive(Debug, thiserror::Error)]
@@ -24,24 +53,119 @@ pub enum RunError {
     /// No usable Kubernetes configuration (in-cluster or kubeconfig).
     #[error("cannot create a Kubernetes client: {0}")]
     Client(#[from] kube::Error),
+    /// SIGTERM/SIGINT cannot be handled.
+    #[error(transparent)]
+    Signals(#[from] ShutdownError),
+    /// The metrics could not be registered.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    /// The probe listener could not start.
+    #[error(transparent)]
+    Probes(#[from] ProbeError),
+    /// Leader election failed in a way retrying cannot fix (RBAC, missing namespace).
+    #[error(transparent)]
+    Leader(#[from] LeaderError),
+    /// This replica stopped holding the Lease; it exits so that only one replica reconciles.
+    #[error(
+        "lost leadership (Lease {namespace}/{lease}); exiting so that only one replica reconciles"
+    )]
+    LeadershipLost {
+        /// The Lease's namespace.
+        namespace: String,
+        /// The Lease's name.
+        lease: String,
+    },
 }
 
-/// Runs the controllers until SIGINT or SIGTERM.
-pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
+/// How often the operator checks whether the Sallyport CRDs are served, until they are.
+const CRD_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Probes, metrics and leader election settings of `run`.
+#[derive(Debug, Clone)]
+pub struct Availability {
+    /// Where to serve `/livez`, `/readyz` and `/metrics`.
+    pub probe_address: SocketAddr,
+    /// Timings of the leader election over the Lease `sallyport-operator`.
+    pub lease_timing: LeaseTiming,
+}
+
+/// Serves the probes and, while this replica holds the leader Lease, runs the
+/// controllers; until SIGINT or SIGTERM, or until leadership is lost (an error).
+pub async fn run(config: OperatorConfig, availability: Availability) -> Result<(), RunError> {
+    let shutdown = probes::shutdown_on_signals()?;
+    let readiness = Readiness::new();
+    let metrics = Metrics::new()?;
+    let probe_server = ProbeServer::bind(
+        availability.probe_address,
+        readiness.clone(),
+        metrics.clone(),
+    )
+    .await?;
+    if let Ok(address) = probe_server.local_addr() {
+        info!(%address, "serving /livez, /readyz and /metrics");
+    }
+    let probes_done = tokio::spawn(probe_server.serve(shutdown.clone()));
+    let outcome = run_controllers(
+        config,
+        availability.lease_timing,
+        &readiness,
+        &metrics,
+        &shutdown,
+    )
+    .await;
+    shutdown.cancel();
+    if let Err(error) = probes_done.await {
+        warn!(%error, "the probe server ended abnormally");
+    }
+    info!("sallyport-operator stopped");
+    outcome
+}
+
+/// Waits for the CRDs and for leadership, then runs the controllers until `shutdown` or
+/// until leadership is lost.
+async fn run_controllers(
+    config: OperatorConfig,
+    lease_timing: LeaseTiming,
+    readiness: &Readiness,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<(), RunError> {
     let client = Client::try_default().await?;
     info!(
         version = env!("CARGO_PKG_VERSION"),
         operator_namespace = %config.operator_namespace,
         "starting sallyport-operator"
     );
+    if !probes::wait_until_crds_served(&client, CRD_CHECK_INTERVAL, shutdown).await {
+        return Ok(());
+    }
+    readiness.set_crds_served();
+    let election = LeaderElection::new(
+        client.clone(),
+        &config.operator_namespace,
+        leader::OPERATOR_LEASE_NAME,
+        leader::default_identity(),
+        lease_timing,
+    )?;
+    tokio::spawn(probes::follow_leadership(
+        election.status(),
+        readiness.clone(),
+        metrics.clone(),
+    ));
+    let leadership = tokio::select! {
+        leadership = election.acquire() => leadership?,
+        () = shutdown.cancelled() => return Ok(()),
+    };
+
     let apps_api = Api::<PublishedApp>::all(client.clone());
     let policies_api = Api::<ConditionalAccessPolicy>::all(client.clone());
-    let app_controller =
-        Controller::new(apps_api.clone(), WatcherConfig::default()).shutdown_on_signal();
+    let app_controller = Controller::new(apps_api.clone(), WatcherConfig::default())
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned());
     let apps = app_controller.store();
-    let policy_controller =
-        Controller::new(policies_api.clone(), WatcherConfig::default()).shutdown_on_signal();
+    let policy_controller = Controller::new(policies_api.clone(), WatcherConfig::default())
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned());
     let policies = policy_controller.store();
+    let policies_cache = policies.clone();
 
     let reporter = Reporter {
         controller: "sallyport-operator".into(),
@@ -51,6 +175,7 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
         client: client.clone(),
         config: config.clone(),
         apps: apps.clone(),
+        metrics: metrics.clone(),
         recorder: Recorder::new(client.clone(), reporter),
     });
 
@@ -155,16 +280,86 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
                 .collect::<Vec<_>>()
         });
 
+    // ConnectorGroups own their Deployment and token Secret, and count their Connectors.
+    let managed = WatcherConfig::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    let group_controller = Controller::new(
+        Api::<ConnectorGroup>::all(client.clone()),
+        WatcherConfig::default(),
+    )
+    .owns(Api::<Deployment>::all(client.clone()), managed.clone())
+    .watches(
+        Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+        managed,
+        |secret| {
+            let group = secret.labels().get(CONNECTOR_GROUP_LABEL).cloned();
+            group
+                .map(|group| ObjectRef::new(&group).within(&secret.namespace().unwrap_or_default()))
+        },
+    )
+    .watches(
+        Api::<Connector>::all(client.clone()),
+        WatcherConfig::default(),
+        |connector| {
+            Some(
+                ObjectRef::new(&connector.spec.connector_group)
+                    .within(&connector.namespace().unwrap_or_default()),
+            )
+        },
+    )
+    .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+    let groups_cache = group_controller.store();
+    let groups_done = group_controller
+        .run(
+            connector_group::reconcile,
+            connector_group::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|result| {
+            log_outcome("ConnectorGroup", result);
+            futures::future::ready(())
+        });
+
+    // Connectors expire when unseen, and are revoked when deleted.
+    let connector_controller = Controller::new(
+        Api::<Connector>::all(client.clone()),
+        WatcherConfig::default(),
+    );
+    let connectors = connector_controller.store();
+    let connectors_cache = connectors.clone();
+    // A group's inactiveConnectorTTL decides when its connectors expire.
+    let connector_controller = connector_controller
+        .watches(
+            Api::<ConnectorGroup>::all(client.clone()),
+            WatcherConfig::default(),
+            move |group| {
+                connectors
+                    .state()
+                    .into_iter()
+                    .filter(|c| {
+                        c.namespace() == group.namespace()
+                            && c.spec.connector_group == group.name_any()
+                    })
+                    .map(|c| ObjectRef::from_obj(&*c))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+    let connectors_done = connector_controller
+        .run(connector::reconcile, connector::error_policy, ctx.clone())
+        .for_each(|result| {
+            log_outcome("Connector", result);
+            futures::future::ready(())
+        });
+
     let apps_done = app_controller
         .run(
             published_app::reconcile,
             published_app::error_policy,
             ctx.clone(),
         )
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                warn!(%error, "PublishedApp controller");
-            }
+        .for_each(|result| {
+            log_outcome("PublishedApp", result);
+            futures::future::ready(())
         });
     let policies_done = policy_controller
         .run(
@@ -172,12 +367,68 @@ pub async fn run(config: OperatorConfig) -> Result<(), RunError> {
             conditional_access_policy::error_policy,
             ctx,
         )
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                warn!(%error, "ConditionalAccessPolicy controller");
-            }
+        .for_each(|result| {
+            log_outcome("ConditionalAccessPolicy", result);
+            futures::future::ready(())
         });
-    futures::join!(apps_done, policies_done);
-    info!("sallyport-operator stopped");
+    // The PKI is checked at start and every few minutes; it writes only what is due.
+    let pki_client = client.clone();
+    let pki_settings = config.pki.clone();
+    let pki_loop = async move {
+        loop {
+            match pki::reconcile(&pki_client, &pki_settings).await {
+                Ok(0) => debug!("PKI up to date"),
+                Ok(written) => info!(written, "PKI updated"),
+                Err(error) => {
+                    warn!(reason = error.metric_label(), %error, "PKI reconcile failed; retrying")
+                }
+            }
+            tokio::time::sleep(pki::CHECK_EVERY).await;
+        }
+    };
+    let pki_done = futures::future::select(Box::pin(pki_loop), Box::pin(shutdown.cancelled()));
+
+    // Ready once every controller has listed its objects.
+    let apps_cache = apps.clone();
+    let caches_synced = async {
+        let synced = async {
+            let (apps, policies, groups, connectors) = futures::join!(
+                apps_cache.wait_until_ready(),
+                policies_cache.wait_until_ready(),
+                groups_cache.wait_until_ready(),
+                connectors_cache.wait_until_ready(),
+            );
+            apps.is_ok() && policies.is_ok() && groups.is_ok() && connectors.is_ok()
+        };
+        tokio::select! {
+            synced = synced => if synced {
+                readiness.set_caches_synced();
+                info!("controller caches synced");
+            },
+            () = shutdown.cancelled() => {}
+        }
+    };
+    let reconciling = async {
+        futures::join!(
+            apps_done,
+            policies_done,
+            groups_done,
+            connectors_done,
+            pki_done,
+            caches_synced
+        );
+    };
+    tokio::select! {
+        () = reconciling => {}
+        () = leadership.lost() => {
+            return Err(RunError::LeadershipLost {
+                namespace: config.operator_namespace.clone(),
+                lease: leader::OPERATOR_LEASE_NAME.to_owned(),
+            });
+        }
+    }
+    if let Err(error) = leadership.release().await {
+        warn!(%error, "cannot release leadership; another replica takes over when the Lease expires");
+    }
     Ok(())
 }

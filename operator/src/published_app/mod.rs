@@ -28,6 +28,7 @@ pub const RESYNC: Duration = Duration::from_secs(300);
 /// Reconciles one PublishedApp: resolves its references, concludes its conditions, and
 /// writes its status and Events when, and only when, they change.
 pub async fn reconcile(app: Arc<PublishedApp>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started("PublishedApp");
     let namespace = app.namespace().unwrap_or_default();
     let name = app.name_any();
     let (references, applied) = dereference::dereference(&app, &ctx).await?;
@@ -94,7 +95,9 @@ pub async fn reconcile(app: Arc<PublishedApp>, ctx: Arc<Context>) -> Result<Acti
 }
 
 /// Retries a failed reconcile after a short pause.
-pub fn error_policy(app: Arc<PublishedApp>, error: &Error, _ctx: Arc<Context>) -> Action {
+pub fn error_policy(app: Arc<PublishedApp>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_failed("PublishedApp", error.metric_label());
     warn!(
         namespace = app.namespace().unwrap_or_default(),
         name = app.name_any(),

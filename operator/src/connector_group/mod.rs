@@ -1,0 +1,144 @@
+//! The ConnectorGroup controller: the registration token Secret (minted, rotated at
+//! `tokenTTL` or when used up), the connector Deployment when `spec.deployment` is set,
+//! and status counted from the group's Connector objects.
+
+pub mod build;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use sallyport_api::{Connector, ConnectorGroup, ConnectorGroupStatus};
+use serde_json::json;
+use tracing::{debug, info, warn};
+
+use self::build::{TokenPlan, deployment_name, token_secret_name};
+use crate::conditions::{merge, transitions};
+use crate::context::{Context, FIELD_MANAGER};
+use crate::error::Error;
+use crate::managed::{apply_if_changed, delete_orphans, group_selector};
+
+/// How often an unchanged group is looked at again.
+pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// Reconciles one ConnectorGroup.
+pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started("ConnectorGroup");
+    let namespace = group.namespace().unwrap_or_default();
+    let name = group.name_any();
+    let reference = group.object_ref(&());
+    let now = Timestamp::now();
+
+    // The registration token.
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &namespace);
+    let existing_secret = secrets.get_opt(&token_secret_name(&name)).await?;
+    let (token, issued_at) = match build::plan_token(&group, existing_secret.as_ref(), now) {
+        TokenPlan::Keep { token, issued_at } => (token, issued_at),
+        TokenPlan::Mint(reason) => {
+            info!(%namespace, %name, reason, "minting a registration token");
+            let event = Event {
+                type_: EventType::Normal,
+                reason: "RegistrationTokenMinted".to_owned(),
+                note: Some(format!(
+                    "new token in Secret {}: {reason}",
+                    token_secret_name(&name)
+                )),
+                action: "MintToken".to_owned(),
+                secondary: None,
+            };
+            if let Err(error) = ctx.recorder.publish(&event, &reference).await {
+                warn!(%namespace, %name, %error, "cannot publish Event");
+            }
+            (build::new_token().map_err(Error::Random)?, now)
+        }
+    };
+    let desired_secret = build::token_secret(&group, &token, issued_at);
+    apply_if_changed(&secrets, desired_secret, existing_secret.as_ref()).await?;
+
+    // The connector Deployment, and nothing else labelled for this group.
+    let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &namespace);
+    let mut keep = Vec::new();
+    if let Some(spec) = &group.spec.deployment {
+        let desired = build::connector_deployment(&group, spec, &ctx.config.connector_image);
+        let existing = deployments.get_opt(&deployment_name(&name)).await?;
+        apply_if_changed(&deployments, desired, existing.as_ref()).await?;
+        keep.push(deployment_name(&name));
+    }
+    delete_orphans(&deployments, &group_selector(&name), &keep).await?;
+
+    // Status, from the group's Connector objects.
+    let connectors: Vec<Connector> = Api::<Connector>::namespaced(ctx.client.clone(), &namespace)
+        .list(&ListParams::default())
+        .await?
+        .into_iter()
+        .filter(|c| c.spec.connector_group == name)
+        .collect();
+    let (verdict, desired_connectors, connected_connectors) = build::assess(&group, &connectors);
+    let current = group.status.clone().unwrap_or_default();
+    let generation = group.metadata.generation;
+    let verdicts = [verdict];
+    let desired = ConnectorGroupStatus {
+        observed_generation: generation,
+        conditions: merge(&current.conditions, &verdicts, generation, now),
+        desired_connectors,
+        connected_connectors,
+        registration_token_secret: Some(token_secret_name(&name)),
+    };
+    if desired != current {
+        let patch = json!({"apiVersion": "sallyport.dev/v1alpha1", "kind": "ConnectorGroup", "status": desired});
+        Api::<ConnectorGroup>::namespaced(ctx.client.clone(), &namespace)
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+        info!(%namespace, %name, desired_connectors, connected_connectors, "status updated");
+        for verdict in transitions(&current.conditions, &verdicts) {
+            let event = Event {
+                type_: if verdict.status {
+                    EventType::Normal
+                } else {
+                    EventType::Warning
+                },
+                reason: verdict.reason.to_owned(),
+                note: Some(verdict.message.clone()),
+                action: "Reconcile".to_owned(),
+                secondary: None,
+            };
+            if let Err(error) = ctx.recorder.publish(&event, &reference).await {
+                warn!(%namespace, %name, %error, "cannot publish Event");
+            }
+        }
+    } else {
+        debug!(%namespace, %name, "status unchanged");
+    }
+
+    // Come back when the token expires, or at the resync interval.
+    let until_expiry = build::expiry(&group, issued_at)
+        .and_then(|expires| now.duration_until(expires).try_into().ok())
+        .unwrap_or(RESYNC);
+    Ok(Action::requeue(
+        until_expiry.min(RESYNC) + Duration::from_millis(100),
+    ))
+}
+
+/// Retries a failed reconcile after a short pause.
+pub fn error_policy(group: Arc<ConnectorGroup>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_failed("ConnectorGroup", error.metric_label());
+    warn!(
+        namespace = group.namespace().unwrap_or_default(),
+        name = group.name_any(),
+        reason = error.metric_label(),
+        %error,
+        "reconcile failed; retrying"
+    );
+    Action::requeue(Duration::from_secs(5))
+}
