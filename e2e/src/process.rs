@@ -97,8 +97,19 @@ pub fn start_operator(
     operator_namespace: &str,
     extra_args: &[&str],
 ) -> Result<OwnedProcess, ProcessError> {
-    let kubeconfig = kubeconfig.display().to_string();
     let identity = format!("e2e-operator-{operator_namespace}");
+    start_operator_as(&identity, kubeconfig, operator_namespace, extra_args)
+}
+
+/// Like [`start_operator`], with the replica identity (`POD_NAME`) `identity`, for tests
+/// that run several replicas.
+pub fn start_operator_as(
+    identity: &str,
+    kubeconfig: &std::path::Path,
+    operator_namespace: &str,
+    extra_args: &[&str],
+) -> Result<OwnedProcess, ProcessError> {
+    let kubeconfig = kubeconfig.display().to_string();
     let mut args = vec![
         "run",
         "--namespace",
@@ -112,7 +123,7 @@ pub fn start_operator(
         &args,
         &[
             ("KUBECONFIG", &kubeconfig),
-            ("POD_NAME", &identity),
+            ("POD_NAME", identity),
             ("RUST_LOG", "info,kube=warn"),
         ],
     )

@@ -8,12 +8,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
-use sallyport_api::{ConditionalAccessPolicy, Connector, ConnectorGroup, PublishedApp};
+use sallyport_api::{
+    ConditionalAccessPolicy, Connector, ConnectorGroup, FleetConfig, PublishedApp,
+};
 use sallyport_e2e::controlplane::{ControlPlane, Mode};
 use sallyport_e2e::manifests::install_crds;
 use sallyport_e2e::process::{
@@ -135,6 +137,38 @@ async fn snapshot(
         );
     }
     Ok(versions)
+}
+
+/// The fleet configuration the operator published, decoded.
+async fn fleet_config(client: &kube::Client, namespace: &str) -> Option<FleetConfig> {
+    let config_map = Api::<ConfigMap>::namespaced(client.clone(), namespace)
+        .get_opt("sallyport-fleet-config")
+        .await
+        .ok()??;
+    let bytes = config_map.binary_data?.remove("fleet-config.json.gz")?;
+    FleetConfig::from_gzip_json(&bytes.0).ok()
+}
+
+/// Waits until the published configuration satisfies `check`.
+async fn wait_for_config(
+    client: &kube::Client,
+    namespace: &str,
+    what: &str,
+    check: impl Fn(&FleetConfig) -> bool,
+) -> Result<FleetConfig, String> {
+    let deadline = tokio::time::Instant::now() + REACTION_TIMEOUT;
+    loop {
+        let current = fleet_config(client, namespace).await;
+        if let Some(config) = current.as_ref().filter(|c| check(c)) {
+            return Ok(config.clone());
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "fleet configuration: {what} did not happen within {REACTION_TIMEOUT:?}; last seen: {current:#?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn start_operator(
@@ -266,6 +300,19 @@ async fn the_operator_reports_the_truth_about_apps_and_policies() -> TestResult 
         group_readiness.map(|g| (g.ready, g.connected_connectors)),
         Some((true, 1))
     );
+
+    // The compiled fleet configuration carries the app's route to its group.
+    let wiki_id = format!("{namespace}/wiki");
+    let config = wait_for_config(&client, &operator_namespace, "the wiki route", |c| {
+        c.route(&wiki_id).is_some()
+    })
+    .await?;
+    let route = config.route(&wiki_id).ok_or("no wiki route")?;
+    assert_eq!(
+        (route.host.as_str(), route.path_prefix.as_str()),
+        ("wiki.apps.example.com", "/")
+    );
+    assert_eq!(route.connector_group, format!("{namespace}/dc"));
 
     // 4. Policies: one of the app's namespace selecting it, and a fleet-wide baseline.
     let policy = |name: &str, apps: &str| {

@@ -2,7 +2,6 @@
 //! apps a policy applies to, and reports it.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -11,12 +10,13 @@ use kube::runtime::controller::Action;
 use sallyport_api::conditional_access_policy::PolicyState;
 use sallyport_api::{ConditionalAccessPolicy, ConditionalAccessPolicyStatus};
 use serde_json::json;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::conditions::{Verdict, merge};
 use crate::context::{Context, FIELD_MANAGER};
 use crate::error::Error;
 use crate::policy_selection::{AppSelection, applied_policies};
+use crate::reconcile::retry_after_failure;
 
 /// Condition types of a ConditionalAccessPolicy.
 pub mod condition {
@@ -127,16 +127,7 @@ pub fn error_policy(
     error: &Error,
     ctx: Arc<Context>,
 ) -> Action {
-    ctx.metrics
-        .reconcile_failed("ConditionalAccessPolicy", error.metric_label());
-    warn!(
-        namespace = policy.namespace().unwrap_or_default(),
-        name = policy.name_any(),
-        reason = error.metric_label(),
-        %error,
-        "reconcile failed; retrying"
-    );
-    Action::requeue(Duration::from_secs(5))
+    retry_after_failure("ConditionalAccessPolicy", policy.as_ref(), error, &ctx)
 }
 
 #[cfg(test)]

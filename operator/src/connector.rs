@@ -17,10 +17,11 @@ use kube::{Resource, ResourceExt};
 use sallyport_api::{Connector, ConnectorGroup, Duration as KubeDuration};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::context::Context;
 use crate::error::Error;
+use crate::reconcile::{publish, retry_after_failure};
 
 /// The finalizer that makes sure a deleted connector is revoked.
 pub const FINALIZER: &str = "sallyport.dev/revoke-connector";
@@ -129,9 +130,7 @@ async fn expire_if_inactive(connector: &Connector, ctx: &Context) -> Result<Acti
             action: "RemoveConnector".to_owned(),
             secondary: Some(connector.object_ref(&())),
         };
-        if let Err(error) = ctx.recorder.publish(&event, &group.object_ref(&())).await {
-            warn!(%namespace, %name, %error, "cannot publish Event");
-        }
+        publish(ctx, &group.object_ref(&()), event).await;
     }
     Ok(Action::await_change())
 }
@@ -183,16 +182,7 @@ async fn revoke(connector: &Connector, ctx: &Context) -> Result<Action, Error> {
 
 /// Retries a failed reconcile after a short pause.
 pub fn error_policy(connector: Arc<Connector>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .reconcile_failed("Connector", error.metric_label());
-    warn!(
-        namespace = connector.namespace().unwrap_or_default(),
-        name = connector.name_any(),
-        reason = error.metric_label(),
-        %error,
-        "reconcile failed; retrying"
-    );
-    Action::requeue(Duration::from_secs(5))
+    retry_after_failure("Connector", connector.as_ref(), error, &ctx)
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ pub struct OperatorConfig {
     pub default_oidc_provider: bool,
     /// The connector image for ConnectorGroups whose `spec.deployment.image` is empty.
     pub connector_image: String,
+    /// Defaults compiled into the fleet configuration.
+    pub fleet_defaults: crate::compile::FleetDefaults,
     /// The fleet's PKI and keys.
     pub pki: crate::pki::PkiSettings,
 }

@@ -12,6 +12,22 @@ pub enum Error {
     /// Building the PKI failed.
     #[error(transparent)]
     Pki(crate::pki::build::PkiError),
+    /// The fleet configuration could not be compiled.
+    #[error("cannot compile the fleet configuration: {0}")]
+    Compile(#[source] crate::compile::CompileError),
+    /// The fleet configuration could not be encoded.
+    #[error("cannot encode the fleet configuration: {0}")]
+    FleetConfig(#[source] sallyport_api::fleet_config::FleetConfigError),
+    /// The compressed configuration does not fit one ConfigMap.
+    #[error(
+        "the compressed fleet configuration is {bytes} bytes, over the {limit}-byte limit of one ConfigMap; the last stored configuration stays in force"
+    )]
+    FleetConfigTooLarge {
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// A finalizer step failed.
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
@@ -35,6 +51,9 @@ impl Error {
             Error::Random(_) => "random_error",
             Error::Finalizer(_) => "finalizer_error",
             Error::Pki(_) => "pki_error",
+            Error::Compile(_) => "compile_error",
+            Error::FleetConfig(_) => "fleet_config_error",
+            Error::FleetConfigTooLarge { .. } => "fleet_config_too_large",
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod connector_group;
 pub mod context;
 pub mod error;
 pub mod external_url;
+pub mod fleet_config;
 pub mod leader;
 pub mod managed;
 pub mod metrics;
@@ -20,6 +21,7 @@ pub mod pki;
 pub mod policy_selection;
 pub mod probes;
 pub mod published_app;
+pub mod reconcile;
 pub mod run;
 pub mod tls;
 
@@ -77,6 +79,14 @@ pub struct RunArgs {
     /// none.
     #[arg(long, env = "SALLYPORT_DEFAULT_OIDC_ISSUER")]
     pub default_oidc_issuer: Option<String>,
+
+    /// The client ID registered at the default OpenID Connect provider for the fleet.
+    #[arg(
+        long,
+        env = "SALLYPORT_DEFAULT_OIDC_CLIENT_ID",
+        default_value = "sallyport"
+    )]
+    pub default_oidc_client_id: String,
 
     /// The connector image for ConnectorGroups whose spec.deployment names none.
     #[arg(long, env = "SALLYPORT_CONNECTOR_IMAGE", default_value = concat!("ghcr.io/sallyport-dev/sallyport-connector:", env!("CARGO_PKG_VERSION")))]
@@ -147,6 +157,15 @@ impl RunArgs {
             default_tls_secret: self.default_tls_secret.clone(),
             default_oidc_provider: self.default_oidc_issuer.is_some(),
             connector_image: self.connector_image.clone(),
+            fleet_defaults: compile::FleetDefaults {
+                tls_secret: self.default_tls_secret.clone().map(|(namespace, name)| {
+                    sallyport_api::fleet_config::SecretRef { namespace, name }
+                }),
+                oidc: self.default_oidc_issuer.as_ref().map(|issuer| {
+                    compile::DefaultOidcClient::new(issuer, &self.default_oidc_client_id)
+                }),
+                ..compile::FleetDefaults::default()
+            },
             pki: pki::PkiSettings {
                 namespace: self.namespace.clone(),
                 tunnel_hostnames: if self.tunnel_hostnames.is_empty() {

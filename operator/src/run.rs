@@ -26,7 +26,9 @@ use crate::managed::{CONNECTOR_GROUP_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
 use crate::metrics::{Metrics, MetricsError};
 use crate::probes::{self, ProbeError, ProbeServer, Readiness, ShutdownError};
 use crate::published_app::routes::same_route;
-use crate::{conditional_access_policy, connector, connector_group, pki, published_app};
+use crate::{
+    conditional_access_policy, connector, connector_group, fleet_config, pki, published_app,
+};
 
 /// Logs what a reconcile ended in. Reconcile failures were logged by the error policy;
 /// an object deleted before its turn is routine.
@@ -408,6 +410,19 @@ async fn run_controllers(
             () = shutdown.cancelled() => {}
         }
     };
+    // The compiled configuration follows every change of the caches.
+    let config_done = fleet_config::run(
+        client.clone(),
+        fleet_config::Sources {
+            apps: apps.clone(),
+            policies: policies_cache.clone(),
+            groups: groups_cache.clone(),
+            connectors: connectors_cache.clone(),
+        },
+        config.operator_namespace.clone(),
+        config.fleet_defaults.clone(),
+        shutdown.clone(),
+    );
     let reconciling = async {
         futures::join!(
             apps_done,
@@ -415,7 +430,8 @@ async fn run_controllers(
             groups_done,
             connectors_done,
             pki_done,
-            caches_synced
+            caches_synced,
+            config_done
         );
     };
     tokio::select! {

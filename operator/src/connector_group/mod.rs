@@ -16,13 +16,14 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use sallyport_api::{Connector, ConnectorGroup, ConnectorGroupStatus};
 use serde_json::json;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use self::build::{TokenPlan, deployment_name, token_secret_name};
 use crate::conditions::{merge, transitions};
 use crate::context::{Context, FIELD_MANAGER};
 use crate::error::Error;
 use crate::managed::{apply_if_changed, delete_orphans, group_selector};
+use crate::reconcile::{publish, retry_after_failure, transition_event};
 
 /// How often an unchanged group is looked at again.
 pub const RESYNC: Duration = Duration::from_secs(300);
@@ -52,9 +53,7 @@ pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<
                 action: "MintToken".to_owned(),
                 secondary: None,
             };
-            if let Err(error) = ctx.recorder.publish(&event, &reference).await {
-                warn!(%namespace, %name, %error, "cannot publish Event");
-            }
+            publish(&ctx, &reference, event).await;
             (build::new_token().map_err(Error::Random)?, now)
         }
     };
@@ -101,20 +100,7 @@ pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<
             .await?;
         info!(%namespace, %name, desired_connectors, connected_connectors, "status updated");
         for verdict in transitions(&current.conditions, &verdicts) {
-            let event = Event {
-                type_: if verdict.status {
-                    EventType::Normal
-                } else {
-                    EventType::Warning
-                },
-                reason: verdict.reason.to_owned(),
-                note: Some(verdict.message.clone()),
-                action: "Reconcile".to_owned(),
-                secondary: None,
-            };
-            if let Err(error) = ctx.recorder.publish(&event, &reference).await {
-                warn!(%namespace, %name, %error, "cannot publish Event");
-            }
+            publish(&ctx, &reference, transition_event(verdict)).await;
         }
     } else {
         debug!(%namespace, %name, "status unchanged");
@@ -131,14 +117,5 @@ pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<
 
 /// Retries a failed reconcile after a short pause.
 pub fn error_policy(group: Arc<ConnectorGroup>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .reconcile_failed("ConnectorGroup", error.metric_label());
-    warn!(
-        namespace = group.namespace().unwrap_or_default(),
-        name = group.name_any(),
-        reason = error.metric_label(),
-        %error,
-        "reconcile failed; retrying"
-    );
-    Action::requeue(Duration::from_secs(5))
+    retry_after_failure("ConnectorGroup", group.as_ref(), error, &ctx)
 }

@@ -11,15 +11,15 @@ use std::time::Duration;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use sallyport_api::{PublishedApp, PublishedAppStatus};
 use serde_json::json;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::conditions::{merge, transitions};
 use crate::context::{Context, FIELD_MANAGER};
 use crate::error::Error;
+use crate::reconcile::{publish, retry_after_failure, transition_event};
 
 /// How often an unchanged app is looked at again, to catch changes the operator does not
 /// watch (a TLS certificate nearing expiry, a namespace's labels).
@@ -73,37 +73,12 @@ pub async fn reconcile(app: Arc<PublishedApp>, ctx: Arc<Context>) -> Result<Acti
 
     let reference = app.object_ref(&());
     for verdict in transitions(&current.conditions, &assessment.verdicts) {
-        let event = Event {
-            type_: if verdict.status {
-                EventType::Normal
-            } else {
-                EventType::Warning
-            },
-            reason: verdict.reason.to_owned(),
-            note: Some(format!(
-                "{} is {}: {}",
-                verdict.type_, verdict.status, verdict.message
-            )),
-            action: "Reconcile".to_owned(),
-            secondary: None,
-        };
-        if let Err(error) = ctx.recorder.publish(&event, &reference).await {
-            warn!(%namespace, %name, %error, "cannot publish Event");
-        }
+        publish(&ctx, &reference, transition_event(verdict)).await;
     }
     Ok(Action::requeue(RESYNC))
 }
 
 /// Retries a failed reconcile after a short pause.
 pub fn error_policy(app: Arc<PublishedApp>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .reconcile_failed("PublishedApp", error.metric_label());
-    warn!(
-        namespace = app.namespace().unwrap_or_default(),
-        name = app.name_any(),
-        reason = error.metric_label(),
-        %error,
-        "reconcile failed; retrying"
-    );
-    Action::requeue(Duration::from_secs(5))
+    retry_after_failure("PublishedApp", app.as_ref(), error, &ctx)
 }
