@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use sallyport_api::{Connector, ConnectorGroup};
@@ -146,6 +147,30 @@ async fn a_connector_group_runs_hardened_connectors_with_a_rotating_token() -> T
         (security.read_only_root_filesystem, security.run_as_non_root),
         (Some(true), Some(true))
     );
+
+    // The proxy fleet runs in the operator's namespace: hardened pods behind a Service on
+    // 443 with a disruption budget.
+    let fleet_deployments = Api::<Deployment>::namespaced(client.clone(), &operator_namespace);
+    let fleet_available = |d: Option<&Deployment>| {
+        d.and_then(|d| d.status.as_ref())
+            .is_some_and(|s| s.available_replicas == Some(2))
+    };
+    wait_for(
+        &fleet_deployments,
+        "sallyport-proxy",
+        "the proxy fleet Available with 2 replicas",
+        fleet_available,
+    )
+    .await?;
+    let service = Api::<Service>::namespaced(client.clone(), &operator_namespace)
+        .get("sallyport-proxy")
+        .await?;
+    let ports = service.spec.and_then(|s| s.ports).unwrap_or_default();
+    assert_eq!(ports.first().map(|p| p.port), Some(443));
+    let budget = Api::<PodDisruptionBudget>::namespaced(client.clone(), &operator_namespace)
+        .get("sallyport-proxy")
+        .await?;
+    assert!(budget.spec.and_then(|s| s.max_unavailable).is_some());
 
     // The token rotates once its 4s TTL is over.
     let rotated = wait_for(&secrets, "east-registration", "token rotation", |s| {

@@ -22,6 +22,8 @@ pub struct OperatorConfig {
     pub connector_image: String,
     /// Defaults compiled into the fleet configuration.
     pub fleet_defaults: crate::compile::FleetDefaults,
+    /// The proxy fleet's Deployment, Service and PodDisruptionBudget.
+    pub fleet: crate::fleet::FleetSettings,
     /// The fleet's PKI and keys.
     pub pki: crate::pki::PkiSettings,
 }

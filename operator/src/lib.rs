@@ -13,6 +13,7 @@ pub mod connector_group;
 pub mod context;
 pub mod error;
 pub mod external_url;
+pub mod fleet;
 pub mod fleet_config;
 pub mod leader;
 pub mod managed;
@@ -132,6 +133,19 @@ pub struct RunArgs {
     #[arg(long, env = "SALLYPORT_LEADER_ELECT_RETRY_PERIOD", default_value = "2s", value_parser = leader::parse_duration)]
     pub leader_elect_retry_period: std::time::Duration,
 
+    /// The proxy image of the fleet.
+    #[arg(long, env = "SALLYPORT_PROXY_IMAGE", default_value = concat!("ghcr.io/sallyport-dev/sallyport-proxy:", env!("CARGO_PKG_VERSION")))]
+    pub proxy_image: String,
+
+    /// How many proxy replicas the fleet runs.
+    #[arg(long, env = "SALLYPORT_PROXY_REPLICAS", default_value_t = 2, value_parser = clap::value_parser!(i32).range(1..=1000))]
+    pub proxy_replicas: i32,
+
+    /// The type of the proxy Service: LoadBalancer for a public edge, NodePort or
+    /// ClusterIP behind another load balancer.
+    #[arg(long, env = "SALLYPORT_PROXY_SERVICE_TYPE", default_value = "LoadBalancer", value_parser = ["LoadBalancer", "NodePort", "ClusterIP"])]
+    pub proxy_service_type: String,
+
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "SALLYPORT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -165,6 +179,12 @@ impl RunArgs {
                     compile::DefaultOidcClient::new(issuer, &self.default_oidc_client_id)
                 }),
                 ..compile::FleetDefaults::default()
+            },
+            fleet: fleet::FleetSettings {
+                namespace: self.namespace.clone(),
+                image: self.proxy_image.clone(),
+                replicas: self.proxy_replicas,
+                service_type: self.proxy_service_type.clone(),
             },
             pki: pki::PkiSettings {
                 namespace: self.namespace.clone(),

@@ -27,7 +27,7 @@ use crate::metrics::{Metrics, MetricsError};
 use crate::probes::{self, ProbeError, ProbeServer, Readiness, ShutdownError};
 use crate::published_app::routes::same_route;
 use crate::{
-    conditional_access_policy, connector, connector_group, fleet_config, pki, published_app,
+    conditional_access_policy, connector, connector_group, fleet, fleet_config, pki, published_app,
 };
 
 /// Logs what a reconcile ended in. Reconcile failures were logged by the error policy;
@@ -373,19 +373,32 @@ async fn run_controllers(
             log_outcome("ConditionalAccessPolicy", result);
             futures::future::ready(())
         });
-    // The PKI is checked at start and every few minutes; it writes only what is due.
-    let pki_client = client.clone();
+    // The PKI and the proxy fleet's objects are checked at start and then periodically;
+    // only what is due is written.
+    let fleet_client = client.clone();
     let pki_settings = config.pki.clone();
+    let fleet_settings = config.fleet.clone();
     let pki_loop = async move {
+        let mut last_pki_check: Option<tokio::time::Instant> = None;
         loop {
-            match pki::reconcile(&pki_client, &pki_settings).await {
-                Ok(0) => debug!("PKI up to date"),
-                Ok(written) => info!(written, "PKI updated"),
+            if last_pki_check.is_none_or(|at| at.elapsed() >= pki::CHECK_EVERY) {
+                match pki::reconcile(&fleet_client, &pki_settings).await {
+                    Ok(0) => debug!("PKI up to date"),
+                    Ok(written) => info!(written, "PKI updated"),
+                    Err(error) => {
+                        warn!(reason = error.metric_label(), %error, "PKI reconcile failed; retrying")
+                    }
+                }
+                last_pki_check = Some(tokio::time::Instant::now());
+            }
+            match fleet::reconcile(&fleet_client, &fleet_settings).await {
+                Ok(0) => debug!("proxy fleet objects up to date"),
+                Ok(written) => info!(written, "proxy fleet objects applied"),
                 Err(error) => {
-                    warn!(reason = error.metric_label(), %error, "PKI reconcile failed; retrying")
+                    warn!(reason = error.metric_label(), %error, "proxy fleet reconcile failed; retrying")
                 }
             }
-            tokio::time::sleep(pki::CHECK_EVERY).await;
+            tokio::time::sleep(fleet::CHECK_EVERY).await;
         }
     };
     let pki_done = futures::future::select(Box::pin(pki_loop), Box::pin(shutdown.cancelled()));
