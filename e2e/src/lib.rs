@@ -3,6 +3,7 @@
 //! - [`controlplane`]: a real Kubernetes control plane on loopback (etcd and kube-apiserver,
 //!   optionally kube-controller-manager, kube-scheduler and kwok), and the [`ControlPlane`]
 //!   handle tests use to get one.
+//! - [`identity`]: the operator's least-privileged ServiceAccount, as a kubeconfig.
 //! - [`manifests`]: the repository's CRDs and examples, applied as tests need them.
 //! - [`process`]: Sallyport's own binaries run as real processes, killed when dropped.
 //! - [`supervisor`]: the `sallyport-cluster` command that runs a control plane as its children
@@ -11,6 +12,7 @@
 //! [`ControlPlane`]: controlplane::ControlPlane
 
 pub mod controlplane;
+pub mod identity;
 pub mod manifests;
 pub mod process;
 pub mod supervisor;

@@ -10,6 +10,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use sallyport_api::{Connector, ConnectorGroup};
 use sallyport_e2e::controlplane::{ControlPlane, Mode};
+use sallyport_e2e::identity::operator_kubeconfig;
 use sallyport_e2e::manifests::install_crds;
 use sallyport_e2e::process::start_operator;
 use serde_json::{Value, json};
@@ -51,7 +52,11 @@ async fn unseen_connectors_expire_and_deleted_ones_are_revoked() -> TestResult {
     install_crds(&client).await?;
     let operator_namespace = control_plane.create_namespace("sallyport-system").await?;
     let namespace = control_plane.create_namespace("network").await?;
-    let _operator = start_operator(control_plane.kubeconfig_path(), &operator_namespace, &[])?;
+    let _operator = start_operator(
+        &operator_kubeconfig(control_plane, &operator_namespace).await?,
+        &operator_namespace,
+        &[],
+    )?;
     let pp = PostParams::default();
     let groups = Api::<ConnectorGroup>::namespaced(client.clone(), &namespace);
     let connectors = Api::<Connector>::namespaced(client.clone(), &namespace);

@@ -14,6 +14,7 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use sallyport_api::{Connector, ConnectorGroup};
 use sallyport_e2e::controlplane::{ControlPlane, Mode};
+use sallyport_e2e::identity::operator_kubeconfig;
 use sallyport_e2e::manifests::install_crds;
 use sallyport_e2e::process::start_operator;
 use serde::de::DeserializeOwned;
@@ -75,7 +76,7 @@ async fn a_connector_group_runs_hardened_connectors_with_a_rotating_token() -> T
     let operator_namespace = control_plane.create_namespace("sallyport-system").await?;
     let namespace = control_plane.create_namespace("network").await?;
     let _operator = start_operator(
-        control_plane.kubeconfig_path(),
+        &operator_kubeconfig(control_plane, &operator_namespace).await?,
         &operator_namespace,
         &["--connector-image", "example.test/sallyport-connector:e2e"],
     )?;

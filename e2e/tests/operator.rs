@@ -17,6 +17,7 @@ use sallyport_api::{
     ConditionalAccessPolicy, Connector, ConnectorGroup, FleetConfig, PublishedApp,
 };
 use sallyport_e2e::controlplane::{ControlPlane, Mode};
+use sallyport_e2e::identity::operator_kubeconfig;
 use sallyport_e2e::manifests::install_crds;
 use sallyport_e2e::process::{
     OwnedProcess, ProcessError, start_operator as start_operator_process,
@@ -171,12 +172,9 @@ async fn wait_for_config(
     }
 }
 
-fn start_operator(
-    control_plane: &ControlPlane,
-    namespace: &str,
-) -> Result<OwnedProcess, ProcessError> {
+fn start_operator(kubeconfig: &Path, namespace: &str) -> Result<OwnedProcess, ProcessError> {
     start_operator_process(
-        control_plane.kubeconfig_path(),
+        kubeconfig,
         namespace,
         &["--default-oidc-issuer", "https://login.example.com/"],
     )
@@ -192,7 +190,28 @@ async fn the_operator_reports_the_truth_about_apps_and_policies() -> TestResult 
     install_crds(&client).await?;
     let operator_namespace = control_plane.create_namespace("sallyport-system").await?;
     let namespace = control_plane.create_namespace("team").await?;
-    let mut operator = start_operator(control_plane, &operator_namespace)?;
+    // The operator runs as its own ServiceAccount, with only the RBAC it ships with.
+    let operator_kubeconfig = operator_kubeconfig(control_plane, &operator_namespace).await?;
+    let can_i = |verb: &str, resource: &str| -> Result<String, Box<dyn std::error::Error>> {
+        let output = control_plane
+            .kubectl()
+            .env("KUBECONFIG", &operator_kubeconfig)
+            .args(["auth", "can-i", verb, resource, "--all-namespaces"])
+            .output()?;
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    };
+    assert_eq!(can_i("list", "publishedapps.sallyport.dev")?, "yes");
+    assert_eq!(
+        can_i("delete", "secrets")?,
+        "no",
+        "the operator must not delete Secrets"
+    );
+    assert_eq!(
+        can_i("update", "publishedapps.sallyport.dev")?,
+        "no",
+        "the operator must not change specs"
+    );
+    let mut operator = start_operator(&operator_kubeconfig, &operator_namespace)?;
 
     let apps = Api::<PublishedApp>::namespaced(client.clone(), &namespace);
     let groups = Api::<ConnectorGroup>::namespaced(client.clone(), &namespace);
@@ -396,7 +415,7 @@ async fn the_operator_reports_the_truth_about_apps_and_policies() -> TestResult 
         "the operator wrote to a settled cluster"
     );
     operator.stop();
-    operator = start_operator(control_plane, &operator_namespace)?;
+    operator = start_operator(&operator_kubeconfig, &operator_namespace)?;
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(
         snapshot(&client, &watched).await?,

@@ -8,6 +8,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams};
 use sallyport_api::PublishedApp;
 use sallyport_e2e::controlplane::{ControlPlane, Mode};
+use sallyport_e2e::identity::operator_kubeconfig;
 use sallyport_e2e::manifests::install_crds;
 use sallyport_e2e::process::start_operator_as;
 
@@ -80,7 +81,7 @@ async fn one_replica_leads_and_the_other_takes_over_when_it_dies() -> TestResult
     install_crds(&client).await?;
     let operator_namespace = control_plane.create_namespace("sallyport-system").await?;
     let namespace = control_plane.create_namespace("team").await?;
-    let kubeconfig = control_plane.kubeconfig_path();
+    let kubeconfig = &operator_kubeconfig(control_plane, &operator_namespace).await?;
     let leases = Api::<Lease>::namespaced(client.clone(), &operator_namespace);
     let apps = Api::<PublishedApp>::namespaced(client.clone(), &namespace);
 

@@ -22,6 +22,7 @@ pub mod pki;
 pub mod policy_selection;
 pub mod probes;
 pub mod published_app;
+pub mod rbac;
 pub mod reconcile;
 pub mod run;
 pub mod tls;
@@ -56,6 +57,13 @@ pub enum Command {
     /// Run the controllers until SIGINT or SIGTERM, using the in-cluster service account
     /// or $KUBECONFIG.
     Run(RunArgs),
+    /// Print the operator's least-privilege RBAC (ServiceAccount, ClusterRole, Role and
+    /// their bindings) as YAML for an operator in NAMESPACE.
+    Rbac {
+        /// The operator's namespace.
+        #[arg(long, default_value = "sallyport-system")]
+        namespace: String,
+    },
     /// Print the CustomResourceDefinitions of the Sallyport API as YAML, ready for
     /// `kubectl apply --server-side -f -`.
     Crds,
@@ -246,6 +254,12 @@ pub enum OperatorError {
     /// The async runtime could not start.
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
+    /// Rendering RBAC objects failed.
+    #[error("cannot render the RBAC objects: {0}")]
+    Json(serde_json::Error),
+    /// Rendering YAML failed.
+    #[error("cannot render YAML: {0}")]
+    Yaml(serde_yaml::Error),
     /// Writing to stdout failed.
     #[error("cannot write to stdout: {0}")]
     Stdout(#[from] std::io::Error),
@@ -264,6 +278,12 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), OperatorError> {
                 .build()
                 .map_err(OperatorError::Runtime)?;
             runtime.block_on(run::run(args.config(), args.availability()))?;
+        }
+        Some(Command::Rbac { namespace }) => {
+            for object in rbac::objects(&namespace).map_err(OperatorError::Json)? {
+                let yaml = serde_yaml::to_string(&object).map_err(OperatorError::Yaml)?;
+                write!(out, "---\n{yaml}")?;
+            }
         }
         Some(Command::Crds) => {
             for crd in sallyport_api::custom_resource_definitions() {

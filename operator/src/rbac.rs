@@ -1,0 +1,234 @@
+//! The operator's least-privilege RBAC: exactly the verbs its controllers use, cluster-wide
+//! where apps, groups and their Secrets live in any namespace, and only in its own
+//! namespace for the Lease, the fleet's objects and the fleet configuration.
+//!
+//! `sallyport-operator rbac --namespace NS` prints these objects; the Helm chart renders
+//! the same rules, and the e2e tests run the operator under them.
+
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// The name of the operator's ServiceAccount, ClusterRole and Role.
+pub const OPERATOR: &str = "sallyport-operator";
+
+fn rule(api_group: &str, resources: &[&str], verbs: &[&str]) -> PolicyRule {
+    PolicyRule {
+        api_groups: Some(vec![api_group.to_owned()]),
+        resources: Some(resources.iter().map(|r| (*r).to_owned()).collect()),
+        verbs: verbs.iter().map(|v| (*v).to_owned()).collect(),
+        ..PolicyRule::default()
+    }
+}
+
+/// The cluster-wide rules: read the Sallyport API and write its status; manage Connector
+/// finalizers and expiry; the registration token Secrets and connector Deployments of
+/// ConnectorGroups in any namespace; read Secrets apps reference and namespace labels;
+/// publish Events.
+pub fn cluster_rules() -> Vec<PolicyRule> {
+    vec![
+        rule(
+            "sallyport.dev",
+            &[
+                "publishedapps",
+                "conditionalaccesspolicies",
+                "connectorgroups",
+                "connectors",
+            ],
+            &["get", "list", "watch"],
+        ),
+        rule(
+            "sallyport.dev",
+            &[
+                "publishedapps/status",
+                "conditionalaccesspolicies/status",
+                "connectorgroups/status",
+            ],
+            &["patch"],
+        ),
+        rule("sallyport.dev", &["connectors"], &["patch", "delete"]),
+        rule(
+            "",
+            &["secrets"],
+            &["get", "list", "watch", "create", "patch"],
+        ),
+        rule("", &["namespaces"], &["get", "list", "watch"]),
+        rule(
+            "apps",
+            &["deployments"],
+            &["get", "list", "watch", "create", "patch", "delete"],
+        ),
+        rule("events.k8s.io", &["events"], &["create", "patch"]),
+    ]
+}
+
+/// The rules in the operator's own namespace: the leader Lease, the fleet configuration
+/// and revocation ConfigMaps, and the proxy fleet's ServiceAccount, Service and
+/// PodDisruptionBudget.
+pub fn namespace_rules() -> Vec<PolicyRule> {
+    vec![
+        rule(
+            "coordination.k8s.io",
+            &["leases"],
+            &["get", "create", "update"],
+        ),
+        rule("", &["configmaps"], &["get", "create", "patch"]),
+        rule(
+            "",
+            &["serviceaccounts", "services"],
+            &["get", "create", "patch"],
+        ),
+        rule(
+            "policy",
+            &["poddisruptionbudgets"],
+            &["get", "create", "patch"],
+        ),
+    ]
+}
+
+/// The operator's RBAC objects for an operator in `namespace`, as JSON documents in
+/// apply order: ServiceAccount, ClusterRole, ClusterRoleBinding, Role, RoleBinding.
+pub fn objects(namespace: &str) -> Result<Vec<serde_json::Value>, serde_json::Error> {
+    let subject = Subject {
+        kind: "ServiceAccount".to_owned(),
+        name: OPERATOR.to_owned(),
+        namespace: Some(namespace.to_owned()),
+        api_group: None,
+    };
+    let named = |name: &str, namespace: Option<&str>| ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: namespace.map(str::to_owned),
+        labels: Some([("app.kubernetes.io/name".to_owned(), OPERATOR.to_owned())].into()),
+        ..ObjectMeta::default()
+    };
+    let role_ref = |kind: &str| RoleRef {
+        api_group: "rbac.authorization.k8s.io".to_owned(),
+        kind: kind.to_owned(),
+        name: OPERATOR.to_owned(),
+    };
+    let binding_name = format!("{OPERATOR}-{namespace}");
+    Ok(vec![
+        with_kind(
+            "v1",
+            "ServiceAccount",
+            serde_json::to_value(ServiceAccount {
+                metadata: named(OPERATOR, Some(namespace)),
+                ..ServiceAccount::default()
+            })?,
+        ),
+        with_kind(
+            "rbac.authorization.k8s.io/v1",
+            "ClusterRole",
+            serde_json::to_value(ClusterRole {
+                metadata: named(OPERATOR, None),
+                rules: Some(cluster_rules()),
+                ..ClusterRole::default()
+            })?,
+        ),
+        with_kind(
+            "rbac.authorization.k8s.io/v1",
+            "ClusterRoleBinding",
+            serde_json::to_value(ClusterRoleBinding {
+                metadata: named(&binding_name, None),
+                role_ref: role_ref("ClusterRole"),
+                subjects: Some(vec![subject.clone()]),
+            })?,
+        ),
+        with_kind(
+            "rbac.authorization.k8s.io/v1",
+            "Role",
+            serde_json::to_value(Role {
+                metadata: named(OPERATOR, Some(namespace)),
+                rules: Some(namespace_rules()),
+            })?,
+        ),
+        with_kind(
+            "rbac.authorization.k8s.io/v1",
+            "RoleBinding",
+            serde_json::to_value(RoleBinding {
+                metadata: named(OPERATOR, Some(namespace)),
+                role_ref: role_ref("Role"),
+                subjects: Some(vec![subject]),
+            })?,
+        ),
+    ])
+}
+
+fn with_kind(api_version: &str, kind: &str, mut object: serde_json::Value) -> serde_json::Value {
+    if let Some(map) = object.as_object_mut() {
+        map.insert("apiVersion".to_owned(), api_version.into());
+        map.insert("kind".to_owned(), kind.into());
+    }
+    object
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_rule_grants_wildcards_or_escalation() {
+        for rule in cluster_rules().iter().chain(namespace_rules().iter()) {
+            assert!(
+                !rule
+                    .verbs
+                    .iter()
+                    .any(|v| v == "*" || v == "escalate" || v == "bind" || v == "impersonate"),
+                "{rule:?}"
+            );
+            assert!(
+                !rule.resources.iter().flatten().any(|r| r == "*"),
+                "{rule:?}"
+            );
+            assert!(
+                !rule
+                    .api_groups
+                    .iter()
+                    .flatten()
+                    .any(|g| g == "*" || g == "rbac.authorization.k8s.io"),
+                "{rule:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn secrets_are_never_deleted_and_leases_are_namespaced() {
+        let cluster = cluster_rules();
+        let secrets = cluster
+            .iter()
+            .find(|r| r.resources.iter().flatten().any(|x| x == "secrets"));
+        assert!(secrets.is_some_and(|r| !r.verbs.iter().any(|v| v == "delete")));
+        assert!(!cluster.iter().any(|r| {
+            r.resources
+                .iter()
+                .flatten()
+                .any(|x| x == "leases" || x == "configmaps")
+        }));
+    }
+
+    #[test]
+    fn the_objects_bind_the_service_account() {
+        let objects = objects("platform").unwrap_or_default();
+        let kinds: Vec<_> = objects
+            .iter()
+            .map(|o| o["kind"].as_str().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding"
+            ]
+        );
+        assert_eq!(objects[2]["subjects"][0]["namespace"], "platform");
+        assert_eq!(
+            objects[2]["metadata"]["name"],
+            "sallyport-operator-platform"
+        );
+    }
+}
