@@ -71,6 +71,11 @@ impl OwnedProcess {
         Ok(Self { child })
     }
 
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Stops the process (SIGKILL) and waits for it.
     pub fn stop(mut self) {
         self.kill();

@@ -63,7 +63,7 @@ enum Subcommands {
     /// Run a control plane in the foreground; print its kubeconfig path once ready.
     #[command(long_about = "Run a control plane in the foreground.\n\n\
         Once it is ready, the kubeconfig path is printed as the only line on stdout (logs go \
-        to stderr). It runs until SIGINT, SIGTERM or SIGHUP, or until stdin reaches EOF (so it \
+        to stderr). SIGUSR1 restarts kube-apiserver. It runs until SIGINT, SIGTERM or SIGHUP, or until stdin reaches EOF (so it \
         stops when the process feeding its stdin dies, even by SIGKILL); then it stops the \
         components (SIGTERM, SIGKILL after a grace period) and deletes the state directory. \
         Components also get SIGKILL if this process is killed (via `setpriv --pdeathsig`).")]
@@ -159,6 +159,9 @@ async fn run(args: RunArgs) -> Result<(), Error> {
     outcome
 }
 
+/// The file in the state directory counting completed kube-apiserver restarts.
+pub const RESTARTS_FILE: &str = "apiserver-restarts";
+
 /// Starts the control plane, reports it ready, and stops it on request or when a component
 /// exits. Stops whatever was started in every case.
 async fn supervise(
@@ -186,12 +189,25 @@ async fn supervise(
         std::fs::write(&ready, &kubeconfig).map_err(Error::io(ready))?;
         print_line(&kubeconfig)?;
         info!(%kubeconfig, "control plane ready; stop it with Ctrl-C, SIGTERM or by closing stdin");
-        tokio::select! {
-            reason = shutdown.recv() => {
-                info!(reason, "stopping");
-                Ok(())
+        // SIGUSR1 restarts kube-apiserver; each completed restart is counted in a file
+        // of the state directory, for tests that wait for it.
+        let mut restart = signal(SignalKind::user_defined1()).map_err(Error::Signal)?;
+        let mut restarts = 0u32;
+        loop {
+            tokio::select! {
+                reason = shutdown.recv() => {
+                    info!(reason, "stopping");
+                    break Ok(());
+                }
+                error = cluster.exited() => break Err(error),
+                Some(()) = restart.recv() => {
+                    cluster.restart_apiserver().await?;
+                    restarts += 1;
+                    let counter = state_dir.join(RESTARTS_FILE);
+                    std::fs::write(&counter, restarts.to_string()).map_err(Error::io(counter))?;
+                    info!(restarts, "kube-apiserver restarted");
+                }
             }
-            error = cluster.exited() => Err(error),
         }
     }
     .await;

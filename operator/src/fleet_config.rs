@@ -34,6 +34,8 @@ use crate::managed::{MANAGED_BY, MANAGED_BY_LABEL};
 pub const CONFIG_MAP: &str = "sallyport-fleet-config";
 /// How often the caches are checked for changes.
 pub const POLL: Duration = Duration::from_millis(250);
+/// The longest wait between attempts after failures.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A compile at least this often, for inputs the caches do not show (namespace labels).
 pub const RECOMPILE_EVERY: Duration = Duration::from_secs(60);
 /// A ConfigMap holds at most 1 MiB; the configuration is refused before it gets close.
@@ -223,31 +225,37 @@ pub async fn run(
     };
     let mut compiled_from = None;
     let mut last_compile = tokio::time::Instant::now();
+    // After a failure, wait longer each time (up to MAX_BACKOFF) before trying again.
+    let mut backoff = POLL;
     loop {
         let fingerprint = sources.fingerprint();
         let due = compiled_from != Some(fingerprint) || last_compile.elapsed() >= RECOMPILE_EVERY;
+        let mut wait = POLL;
         if due {
-            match publish(
+            let published = publish(
                 &client,
                 &sources,
                 &operator_namespace,
                 &defaults,
                 stored.as_deref(),
             )
-            .await
-            {
+            .await;
+            match published {
                 Ok(version) => {
                     stored = Some(version);
                     compiled_from = Some(fingerprint);
+                    backoff = POLL;
                 }
                 Err(error) => {
-                    warn!(reason = error.metric_label(), %error, "cannot publish the fleet configuration; retrying")
+                    warn!(reason = error.metric_label(), %error, retry_in = ?backoff, "cannot publish the fleet configuration");
+                    wait = backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
             last_compile = tokio::time::Instant::now();
         }
         tokio::select! {
-            () = tokio::time::sleep(POLL) => {}
+            () = tokio::time::sleep(wait) => {}
             () = shutdown.cancelled() => return,
         }
     }

@@ -33,6 +33,8 @@ pub struct Cluster {
     state_dir: PathBuf,
     kubeconfig: PathBuf,
     processes: Vec<Process>,
+    /// How kube-apiserver was started, to start it again the same way.
+    apiserver: Option<(PathBuf, Vec<String>)>,
 }
 
 impl Cluster {
@@ -43,6 +45,7 @@ impl Cluster {
             kubeconfig: state_dir.join("kubeconfig"),
             state_dir,
             processes: Vec::new(),
+            apiserver: None,
         }
     }
 
@@ -138,6 +141,7 @@ impl Cluster {
             // plugin would then reject every Pod.
             args.push("--disable-admission-plugins=ServiceAccount".to_owned());
         }
+        self.apiserver = Some((binaries.path("kube-apiserver"), args.clone()));
         self.spawn(binaries, "kube-apiserver", args)?;
 
         kubeconfig::write(&self.kubeconfig, &server, &pki)?;
@@ -264,6 +268,32 @@ impl Cluster {
         while let Some(mut process) = self.processes.pop() {
             process.stop(STOP_GRACE).await;
         }
+    }
+
+    /// Stops kube-apiserver (SIGTERM, then SIGKILL after the grace period), starts it again
+    /// with the same flags and state, and waits until it answers `/healthz`: for tests of
+    /// clients that must ride out an apiserver restart.
+    pub async fn restart_apiserver(&mut self) -> Result<(), Error> {
+        const COMPONENT: &str = "kube-apiserver";
+        let (program, args) = self.apiserver.clone().ok_or(Error::NotStarted {
+            component: COMPONENT,
+        })?;
+        let index = self
+            .processes
+            .iter()
+            .position(|p| p.name() == COMPONENT)
+            .ok_or(Error::NotStarted {
+                component: COMPONENT,
+            })?;
+        self.processes[index].stop(STOP_GRACE).await;
+        info!(component = COMPONENT, "restarting");
+        self.processes[index] =
+            Process::spawn(COMPONENT, &program, &args, self.log_path(COMPONENT))?;
+        let client = kubeconfig::client(&self.kubeconfig).await?;
+        self.wait_until(COMPONENT, "GET /healthz answers ok after a restart", || {
+            healthz(&client)
+        })
+        .await
     }
 
     fn spawn(

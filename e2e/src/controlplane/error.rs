@@ -7,6 +7,12 @@ use std::time::Duration;
 /// What went wrong while building, starting, supervising or stopping a control plane.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A component was asked to restart before the control plane started it.
+    #[error("{component} has not been started")]
+    NotStarted {
+        /// The component.
+        component: &'static str,
+    },
     /// A component's executable (or kwok's stages file) is not in the binaries directory.
     #[error(
         "{name} not found in {}; put it there, or unset KUBEBUILDER_ASSETS to build the binaries",

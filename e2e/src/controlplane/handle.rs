@@ -118,6 +118,42 @@ impl ControlPlane {
         command
     }
 
+    /// Restarts kube-apiserver (same flags, same etcd) and returns once it serves again.
+    /// Clients see their connections and watches drop, as in a real apiserver restart.
+    pub async fn restart_apiserver(&self) -> Result<(), Error> {
+        let counter = self
+            .kubeconfig
+            .with_file_name(crate::supervisor::RESTARTS_FILE);
+        let count = || {
+            std::fs::read_to_string(&counter)
+                .ok()
+                .and_then(|c| c.trim().parse::<u32>().ok())
+                .unwrap_or(0)
+        };
+        let before = count();
+        let pid =
+            nix::unistd::Pid::from_raw(i32::try_from(self.supervisor.id()).unwrap_or(i32::MAX));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR1)
+            .map_err(|errno| Error::Signal(std::io::Error::from(errno)))?;
+        let deadline = tokio::time::Instant::now() + super::READY_TIMEOUT + super::STOP_GRACE;
+        while count() == before {
+            if tokio::time::Instant::now() > deadline {
+                return Err(Error::NotReady {
+                    component: "kube-apiserver",
+                    condition: "restarted",
+                    timeout: super::READY_TIMEOUT + super::STOP_GRACE,
+                    tail: String::new(),
+                    log: self
+                        .kubeconfig
+                        .with_file_name("logs")
+                        .join("kube-apiserver.log"),
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
     /// A new admin client. Make one per test: a client is tied to the Tokio runtime it was
     /// made on, and each `#[tokio::test]` has its own.
     pub async fn client(&self) -> Result<kube::Client, Error> {
