@@ -78,6 +78,11 @@ cluster-env: ## Print shell exports (KUBECONFIG, PATH with a matching kubectl) f
 cluster-down: ## Stop the local control plane and remove its state
 	$(CLUSTER) down
 
+.PHONY: bench
+bench: ## Benchmarks, release build, real control plane on loopback (S8); options in BENCH_ARGS="--apps 200"
+	$(CARGO) build --release --workspace --bins
+	$(CARGO_TARGET_DIR)/release/sallyport-bench s8 $(BENCH_ARGS)
+
 .PHONY: demo
 demo: ## Local demo: a control plane with the Sallyport API and the examples installed
 	hack/demo.sh up

@@ -13,6 +13,7 @@ use kube::runtime::Controller;
 use kube::runtime::controller::{self, Action};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
+use kube::runtime::utils::{Backoff, ResetTimerBackoff};
 use kube::runtime::watcher::Config as WatcherConfig;
 use kube::{Client, ResourceExt};
 use sallyport_api::{ConditionalAccessPolicy, Connector, ConnectorGroup, PublishedApp};
@@ -47,6 +48,43 @@ fn log_outcome<K, E, W>(
         }
         Err(error) => warn!(kind, %error, "controller error"),
     }
+}
+
+/// How the controllers' watches retry while the apiserver is away: 200 ms doubling to at
+/// most 5 s (kube's default climbs to 30 s, which leaves the operator blind for up to a
+/// minute after an apiserver restart), reset after a minute without errors.
+struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(5);
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let current = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(current)
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+fn watch_backoff() -> ResetTimerBackoff<WatchBackoff> {
+    ResetTimerBackoff::new(
+        WatchBackoff {
+            next: WatchBackoff::FIRST,
+        },
+        Duration::from_secs(60),
+    )
 }
 
 /// Failures that stop the operator.
@@ -162,9 +200,11 @@ async fn run_controllers(
     let apps_api = Api::<PublishedApp>::all(client.clone());
     let policies_api = Api::<ConditionalAccessPolicy>::all(client.clone());
     let app_controller = Controller::new(apps_api.clone(), WatcherConfig::default())
+        .trigger_backoff(watch_backoff())
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
     let apps = app_controller.store();
     let policy_controller = Controller::new(policies_api.clone(), WatcherConfig::default())
+        .trigger_backoff(watch_backoff())
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
     let policies = policy_controller.store();
     let policies_cache = policies.clone();
@@ -288,6 +328,7 @@ async fn run_controllers(
         Api::<ConnectorGroup>::all(client.clone()),
         WatcherConfig::default(),
     )
+    .trigger_backoff(watch_backoff())
     .owns(Api::<Deployment>::all(client.clone()), managed.clone())
     .watches(
         Api::<PartialObjectMeta<Secret>>::all(client.clone()),
@@ -325,7 +366,8 @@ async fn run_controllers(
     let connector_controller = Controller::new(
         Api::<Connector>::all(client.clone()),
         WatcherConfig::default(),
-    );
+    )
+    .trigger_backoff(watch_backoff());
     let connectors = connector_controller.store();
     let connectors_cache = connectors.clone();
     // A group's inactiveConnectorTTL decides when its connectors expire.

@@ -1,0 +1,78 @@
+//! Sallyport's benchmarks: the scenarios of the performance design
+//! (`shared/design/performance.md`) as reproducible runs against real processes on
+//! loopback, reported as a table and one JSON line. `make bench` runs them in release
+//! mode; results and how they were obtained are in `BENCHMARKS.md`.
+//!
+//! Benchmarks measure and report; they assert no timing (that belongs in no test).
+//!
+//! - [`s8`]: the operator under 1,000 PublishedApps, and the fleet configuration compiler
+//!   at 10,000 apps;
+//! - [`operator_process`]: the operator as a real process; [`procfs`]: memory and CPU time
+//!   of processes;
+//! - [`machine`], [`stats`]: where a run happened, and summaries of repeated measurements.
+
+pub mod error;
+pub mod machine;
+pub mod operator_process;
+pub mod procfs;
+pub mod s8;
+pub mod stats;
+
+use std::io::Write;
+
+use clap::{Parser, Subcommand};
+
+pub use error::BenchError;
+
+/// Command-line interface of `sallyport-bench`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sallyport-bench",
+    version,
+    about = "Sallyport's benchmarks, on loopback, against real processes",
+    long_about = "Sallyport's benchmarks, on loopback, against real processes.\n\n\
+        Each scenario prints a table and, as its last line on stdout, the same results as one \
+        JSON object; progress goes to stderr. Build the workspace binaries in release mode \
+        first (`cargo build --release --workspace --bins`); `make bench` does that and runs \
+        every scenario."
+)]
+pub struct Cli {
+    /// The scenario to run.
+    #[command(subcommand)]
+    pub command: Scenario,
+}
+
+/// A scenario of the performance design.
+#[derive(Debug, Subcommand)]
+pub enum Scenario {
+    /// S8: the operator under N PublishedApps applied at once (default 1,000: time until
+    /// all are Ready and published), and the fleet configuration compile at 10,000 apps.
+    #[command(
+        long_about = "S8: the operator under a burst of PublishedApps, and the fleet \
+        configuration compiler at scale.\n\n\
+        Operator part: starts a real control plane (etcd and kube-apiserver on 127.0.0.1) \
+        through `sallyport-cluster`, installs the CRDs, creates one ConnectorGroup, a wildcard \
+        kubernetes.io/tls Secret and one Connector reported connected, starts \
+        `sallyport-operator run` as a process, then server-side applies --apps PublishedApps \
+        with --concurrency in flight. It reports the time from the first apply until all are \
+        applied, until all are Ready (status condition Ready=True, seen by a watch), and until \
+        the fleet configuration ConfigMap holds every route; per-app apply-to-Ready latency; \
+        the operator's peak RSS; CPU time by process (operator, kube-apiserver, etcd, this \
+        benchmark). Goal: 1,000 apps Ready <= 30 s.\n\n\
+        Compile part: generates a fleet of --compile-apps apps (the recipe of \
+        operator/tests/compile_scale.rs) and times `compile` and the gzip encoding \
+        --compile-runs times (min/median/max), with the JSON and gzip sizes. Goal: 10,000 \
+        apps compile <= 1 s.\n\n\
+        Everything binds 127.0.0.1 and is stopped when the run ends, also on failure. Every \
+        wait is bounded: the operator's start by 3 minutes, everything after the first apply \
+        by --timeout."
+    )]
+    S8(s8::S8Args),
+}
+
+/// Runs the scenario `cli` names and writes its report to `out`.
+pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), BenchError> {
+    match cli.command {
+        Scenario::S8(args) => s8::run(&args)?.write(out),
+    }
+}
