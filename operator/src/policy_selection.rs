@@ -132,6 +132,33 @@ pub fn applied_policies(
     result
 }
 
+/// Whether a change of `policy` can change what applies to `app`: the policy applies to
+/// it now, or the app's status still lists it (it applied before the change). These are
+/// exactly the apps a policy change must re-reconcile.
+pub fn change_affects(
+    policy: &ConditionalAccessPolicy,
+    app: &PublishedApp,
+    operator_namespace: &str,
+) -> bool {
+    let applies_now = !applied_policies(app, std::slice::from_ref(policy), operator_namespace)
+        .applied
+        .is_empty();
+    let listed_name = if policy.namespace() == app.namespace() {
+        policy.name_any()
+    } else {
+        format!(
+            "{}/{}",
+            policy.namespace().unwrap_or_default(),
+            policy.name_any()
+        )
+    };
+    let applied_before = app
+        .status
+        .as_ref()
+        .is_some_and(|s| s.applied_policies.contains(&listed_name));
+    applies_now || applied_before
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,6 +233,43 @@ spec:
             ]
         );
         assert_eq!(applied.missing, ["missing-one"]);
+    }
+
+    #[test]
+    fn a_policy_change_affects_the_apps_it_selects_now_or_selected_before() {
+        let all = policies();
+        let by_label = all
+            .iter()
+            .find(|p| p.name_any() == "by-label")
+            .cloned()
+            .unwrap_or_else(|| panic!("fixture"));
+        let other_label = all
+            .iter()
+            .find(|p| p.name_any() == "other-label")
+            .cloned()
+            .unwrap_or_else(|| panic!("fixture"));
+        let baseline = all
+            .iter()
+            .find(|p| p.name_any() == "baseline")
+            .cloned()
+            .unwrap_or_else(|| panic!("fixture"));
+        let wiki = app(WIKI);
+        assert!(change_affects(&by_label, &wiki, "sallyport-system"));
+        assert!(!change_affects(&other_label, &wiki, "sallyport-system"));
+        assert!(change_affects(&baseline, &wiki, "sallyport-system"));
+
+        // Deselected by the change, but its status still lists the policy: affected.
+        let mut listed = app(WIKI);
+        listed.status = Some(sallyport_api::PublishedAppStatus {
+            applied_policies: vec!["other-label".into()],
+            ..Default::default()
+        });
+        assert!(change_affects(&other_label, &listed, "sallyport-system"));
+        // Another namespace's app never is, unless the policy is a baseline.
+        let mut elsewhere = app(WIKI);
+        elsewhere.metadata.namespace = Some("team-b".into());
+        elsewhere.spec.conditional_access_policies.clear();
+        assert!(!change_affects(&by_label, &elsewhere, "sallyport-system"));
     }
 
     #[test]

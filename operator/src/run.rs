@@ -25,6 +25,7 @@ use crate::context::{Context, OperatorConfig};
 use crate::leader::{self, LeaderElection, LeaderError, LeaseTiming};
 use crate::managed::{CONNECTOR_GROUP_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
 use crate::metrics::{Metrics, MetricsError};
+use crate::policy_selection::change_affects;
 use crate::probes::{self, ProbeError, ProbeServer, Readiness, ShutdownError};
 use crate::published_app::routes::same_route;
 use crate::{
@@ -224,16 +225,15 @@ async fn run_controllers(
     let operator_namespace = config.operator_namespace.clone();
     let default_tls = config.default_tls_secret.clone();
     let app_controller = {
-        // A policy change re-reconciles the apps it may apply to.
+        // A policy change re-reconciles exactly the apps it applies to, before or after.
         let store = apps.clone();
         let baseline = operator_namespace.clone();
         let app_controller =
             app_controller.watches(policies_api, WatcherConfig::default(), move |policy| {
-                let fleet_wide = policy.namespace().as_deref() == Some(baseline.as_str());
                 store
                     .state()
                     .into_iter()
-                    .filter(|app| fleet_wide || app.namespace() == policy.namespace())
+                    .filter(|app| change_affects(&policy, app, &baseline))
                     .map(|app| ObjectRef::from_obj(&*app))
                     .collect::<Vec<_>>()
             });
