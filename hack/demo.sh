@@ -5,14 +5,22 @@
 #   hack/demo.sh up     start it (idempotent) and print how to use it
 #   hack/demo.sh down   stop it and remove its state
 #
-# The proxy, connector and sign-in parts of the demo arrive with their issues; today the
-# demo shows the API: CRDs, validation, printer columns and kubectl explain.
+# The operator runs as a local process and reports status; the proxy, connector and
+# sign-in parts of the demo arrive with their issues.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 export SALLYPORT_CACHE=${SALLYPORT_CACHE:-$HOME/.cache/sallyport}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$SALLYPORT_CACHE/target}
 cluster() { cargo run --quiet -p sallyport-e2e --bin sallyport-cluster -- "$@"; }
+operator_pid_file=$SALLYPORT_CACHE/demo-operator.pid
+operator_log=$SALLYPORT_CACHE/demo-operator.log
+stop_operator() {
+  if [ -f "$operator_pid_file" ]; then
+    kill "$(cat "$operator_pid_file")" 2>/dev/null || true
+    rm -f "$operator_pid_file"
+  fi
+}
 log() { printf '==> %s\n' "$*" >&2; }
 
 case "${1:-up}" in
@@ -34,13 +42,21 @@ case "${1:-up}" in
     for f in examples/published-app-*.yaml examples/conditional-access-require-mfa.yaml examples/conditional-access-office-hours.yaml; do
       kubectl apply -n team-a -f "$f" >&2
     done
+    log "starting sallyport-operator (log: $operator_log)"
+    cargo build --quiet -p sallyport-operator
+    stop_operator
+    nohup "$CARGO_TARGET_DIR/debug/sallyport-operator" run --namespace sallyport-system \
+      --probe-address 127.0.0.1:0 --default-oidc-issuer https://login.example.com/ \
+      >"$operator_log" 2>&1 </dev/null &
+    echo $! >"$operator_pid_file"
     cat <<MSG
 
 Sallyport's API is running on a local control plane.
 
   eval "\$(make -s cluster-env)"                # KUBECONFIG and a matching kubectl
   kubectl get sallyport -A                      # every Sallyport object
-  kubectl get papp,cg,cap -n team-a             # printer columns
+  kubectl get papp,cg,cap -n team-a             # printer columns and status
+  kubectl describe papp wiki -n team-a          # conditions and Events from the operator
   kubectl explain publishedapp.spec.externalUrl # field docs
   kubectl apply -n team-a -f - <<'YAML'          # validation names the field
   apiVersion: sallyport.dev/v1alpha1
@@ -54,6 +70,7 @@ MSG
     echo "$kubeconfig"
     ;;
   down)
+    stop_operator
     cluster down
     ;;
   *)
