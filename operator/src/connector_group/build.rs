@@ -8,9 +8,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PodSecurityContext,
-    PodSpec, PodTemplateSpec, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Volume,
-    VolumeMount,
+    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, Secret,
+    SecretKeySelector, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -19,7 +18,7 @@ use sallyport_api::connector_group::ConnectorDeployment;
 use sallyport_api::{Connector, ConnectorGroup};
 
 use crate::conditions::Verdict;
-use crate::managed::group_labels;
+use crate::managed::{group_labels, hardened_container, hardened_pod};
 
 /// The Secret type of registration token Secrets.
 pub const TOKEN_SECRET_TYPE: &str = "sallyport.dev/registration-token";
@@ -207,20 +206,7 @@ pub fn connector_deployment(
             env("SALLYPORT_STATE_DIR", "/var/lib/sallyport".to_owned()),
         ]),
         resources: spec.resources.clone(),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_owned()]),
-                add: None,
-            }),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".to_owned(),
-                localhost_profile: None,
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(hardened_container()),
         volume_mounts: Some(vec![
             VolumeMount {
                 name: "state".to_owned(),
@@ -263,17 +249,7 @@ pub fn connector_deployment(
                     containers: vec![container],
                     automount_service_account_token: Some(false),
                     enable_service_links: Some(false),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(65532),
-                        run_as_group: Some(65532),
-                        fs_group: Some(65532),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".to_owned(),
-                            localhost_profile: None,
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
+                    security_context: Some(hardened_pod()),
                     node_selector: Some(spec.node_selector.clone()).filter(|s| !s.is_empty()),
                     tolerations: Some(spec.tolerations.clone()).filter(|t| !t.is_empty()),
                     affinity: spec.affinity.clone(),
