@@ -6,6 +6,7 @@
 //! - [`identity`]: the operator's least-privileged ServiceAccount, as a kubeconfig.
 //! - [`manifests`]: the repository's CRDs and examples, applied as tests need them.
 //! - [`process`]: Sallyport's own binaries run as real processes, killed when dropped.
+//! - [`testbed`]: the common start of every operator e2e test.
 //! - [`supervisor`]: the `sallyport-cluster` command that runs a control plane as its children
 //!   and cleans up after it.
 //!
@@ -16,3 +17,4 @@ pub mod identity;
 pub mod manifests;
 pub mod process;
 pub mod supervisor;
+pub mod testbed;

@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use kube::api::{Api, PostParams};
 use sallyport_api::PublishedApp;
-use sallyport_e2e::controlplane::{ControlPlane, Mode};
-use sallyport_e2e::identity::operator_kubeconfig;
-use sallyport_e2e::manifests::install_crds;
+use sallyport_e2e::controlplane::Mode;
 use sallyport_e2e::process::start_operator;
+use sallyport_e2e::testbed::Testbed;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -41,15 +40,18 @@ async fn wait_for_status(apps: &Api<PublishedApp>, name: &str) -> Result<(), Str
 
 #[tokio::test]
 async fn the_operator_rides_out_an_apiserver_restart() -> TestResult {
-    let control_plane = ControlPlane::shared(
+    let Testbed {
+        control_plane,
+        client,
+        operator_namespace,
+        namespace,
+        operator_kubeconfig,
+    } = Testbed::new(
         Path::new(env!("CARGO_BIN_EXE_sallyport-cluster")),
         Mode::ApiServer,
-    )?;
-    let client = control_plane.client().await?;
-    install_crds(&client).await?;
-    let operator_namespace = control_plane.create_namespace("sallyport-system").await?;
-    let namespace = control_plane.create_namespace("team").await?;
-    let kubeconfig = operator_kubeconfig(control_plane, &operator_namespace).await?;
+        "team",
+    )
+    .await?;
     // A graceful apiserver restart here takes about ten seconds: a renew deadline longer
     // than that keeps the Lease (with a shorter one the operator exits by design, and its
     // Deployment restarts it).
@@ -61,7 +63,7 @@ async fn the_operator_rides_out_an_apiserver_restart() -> TestResult {
         "--leader-elect-retry-period",
         "2s",
     ];
-    let mut operator = start_operator(&kubeconfig, &operator_namespace, &lease)?;
+    let mut operator = start_operator(&operator_kubeconfig, &operator_namespace, &lease)?;
     let apps = Api::<PublishedApp>::namespaced(client.clone(), &namespace);
     apps.create(&PostParams::default(), &app("before")?).await?;
     wait_for_status(&apps, "before").await?;

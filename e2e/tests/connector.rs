@@ -9,10 +9,9 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use sallyport_api::{Connector, ConnectorGroup};
-use sallyport_e2e::controlplane::{ControlPlane, Mode};
-use sallyport_e2e::identity::operator_kubeconfig;
-use sallyport_e2e::manifests::install_crds;
+use sallyport_e2e::controlplane::Mode;
 use sallyport_e2e::process::start_operator;
+use sallyport_e2e::testbed::Testbed;
 use serde_json::{Value, json};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -44,19 +43,19 @@ fn revocation(list: Option<&ConfigMap>, key: &str) -> Option<Value> {
 
 #[tokio::test]
 async fn unseen_connectors_expire_and_deleted_ones_are_revoked() -> TestResult {
-    let control_plane = ControlPlane::shared(
+    let Testbed {
+        control_plane: _,
+        client,
+        operator_namespace,
+        namespace,
+        operator_kubeconfig,
+    } = Testbed::new(
         Path::new(env!("CARGO_BIN_EXE_sallyport-cluster")),
         Mode::ApiServer,
-    )?;
-    let client = control_plane.client().await?;
-    install_crds(&client).await?;
-    let operator_namespace = control_plane.create_namespace("sallyport-system").await?;
-    let namespace = control_plane.create_namespace("network").await?;
-    let _operator = start_operator(
-        &operator_kubeconfig(control_plane, &operator_namespace).await?,
-        &operator_namespace,
-        &[],
-    )?;
+        "network",
+    )
+    .await?;
+    let _operator = start_operator(&operator_kubeconfig, &operator_namespace, &[])?;
     let pp = PostParams::default();
     let groups = Api::<ConnectorGroup>::namespaced(client.clone(), &namespace);
     let connectors = Api::<Connector>::namespaced(client.clone(), &namespace);

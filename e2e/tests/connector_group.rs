@@ -13,10 +13,9 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use sallyport_api::{Connector, ConnectorGroup};
-use sallyport_e2e::controlplane::{ControlPlane, Mode};
-use sallyport_e2e::identity::operator_kubeconfig;
-use sallyport_e2e::manifests::install_crds;
+use sallyport_e2e::controlplane::Mode;
 use sallyport_e2e::process::start_operator;
+use sallyport_e2e::testbed::Testbed;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
@@ -67,16 +66,20 @@ fn group_status(group: Option<&ConnectorGroup>) -> Option<(i32, i32, String, Str
 
 #[tokio::test]
 async fn a_connector_group_runs_hardened_connectors_with_a_rotating_token() -> TestResult {
-    let control_plane = ControlPlane::shared(
+    let Testbed {
+        control_plane: _,
+        client,
+        operator_namespace,
+        namespace,
+        operator_kubeconfig,
+    } = Testbed::new(
         Path::new(env!("CARGO_BIN_EXE_sallyport-cluster")),
         Mode::WithControllers,
-    )?;
-    let client = control_plane.client().await?;
-    install_crds(&client).await?;
-    let operator_namespace = control_plane.create_namespace("sallyport-system").await?;
-    let namespace = control_plane.create_namespace("network").await?;
+        "network",
+    )
+    .await?;
     let _operator = start_operator(
-        &operator_kubeconfig(control_plane, &operator_namespace).await?,
+        &operator_kubeconfig,
         &operator_namespace,
         &["--connector-image", "example.test/sallyport-connector:e2e"],
     )?;

@@ -16,12 +16,11 @@ use kube::{Resource, ResourceExt};
 use sallyport_api::{
     ConditionalAccessPolicy, Connector, ConnectorGroup, FleetConfig, PublishedApp,
 };
-use sallyport_e2e::controlplane::{ControlPlane, Mode};
-use sallyport_e2e::identity::operator_kubeconfig;
-use sallyport_e2e::manifests::install_crds;
+use sallyport_e2e::controlplane::Mode;
 use sallyport_e2e::process::{
     OwnedProcess, ProcessError, start_operator as start_operator_process,
 };
+use sallyport_e2e::testbed::Testbed;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
@@ -182,16 +181,19 @@ fn start_operator(kubeconfig: &Path, namespace: &str) -> Result<OwnedProcess, Pr
 
 #[tokio::test]
 async fn the_operator_reports_the_truth_about_apps_and_policies() -> TestResult {
-    let control_plane = ControlPlane::shared(
+    let Testbed {
+        control_plane,
+        client,
+        operator_namespace,
+        namespace,
+        operator_kubeconfig,
+    } = Testbed::new(
         Path::new(env!("CARGO_BIN_EXE_sallyport-cluster")),
         Mode::ApiServer,
-    )?;
-    let client = control_plane.client().await?;
-    install_crds(&client).await?;
-    let operator_namespace = control_plane.create_namespace("sallyport-system").await?;
-    let namespace = control_plane.create_namespace("team").await?;
+        "team",
+    )
+    .await?;
     // The operator runs as its own ServiceAccount, with only the RBAC it ships with.
-    let operator_kubeconfig = operator_kubeconfig(control_plane, &operator_namespace).await?;
     let can_i = |verb: &str, resource: &str| -> Result<String, Box<dyn std::error::Error>> {
         let output = control_plane
             .kubectl()

@@ -7,10 +7,9 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{Api, PostParams};
 use sallyport_api::PublishedApp;
-use sallyport_e2e::controlplane::{ControlPlane, Mode};
-use sallyport_e2e::identity::operator_kubeconfig;
-use sallyport_e2e::manifests::install_crds;
+use sallyport_e2e::controlplane::Mode;
 use sallyport_e2e::process::start_operator_as;
+use sallyport_e2e::testbed::Testbed;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -73,21 +72,34 @@ fn app(name: &str) -> Result<PublishedApp, serde_yaml::Error> {
 
 #[tokio::test]
 async fn one_replica_leads_and_the_other_takes_over_when_it_dies() -> TestResult {
-    let control_plane = ControlPlane::shared(
+    let Testbed {
+        control_plane: _,
+        client,
+        operator_namespace,
+        namespace,
+        operator_kubeconfig,
+    } = Testbed::new(
         Path::new(env!("CARGO_BIN_EXE_sallyport-cluster")),
         Mode::ApiServer,
-    )?;
-    let client = control_plane.client().await?;
-    install_crds(&client).await?;
-    let operator_namespace = control_plane.create_namespace("sallyport-system").await?;
-    let namespace = control_plane.create_namespace("team").await?;
-    let kubeconfig = &operator_kubeconfig(control_plane, &operator_namespace).await?;
+        "team",
+    )
+    .await?;
     let leases = Api::<Lease>::namespaced(client.clone(), &operator_namespace);
     let apps = Api::<PublishedApp>::namespaced(client.clone(), &namespace);
 
-    let first = start_operator_as("replica-a", kubeconfig, &operator_namespace, &LEASE)?;
+    let first = start_operator_as(
+        "replica-a",
+        &operator_kubeconfig,
+        &operator_namespace,
+        &LEASE,
+    )?;
     wait_for_holder(&leases, "replica-a").await?;
-    let _second = start_operator_as("replica-b", kubeconfig, &operator_namespace, &LEASE)?;
+    let _second = start_operator_as(
+        "replica-b",
+        &operator_kubeconfig,
+        &operator_namespace,
+        &LEASE,
+    )?;
 
     apps.create(&PostParams::default(), &app("before")?).await?;
     wait_for_status(&apps, "before").await?;
