@@ -172,3 +172,31 @@ pub async fn create(
         serde_json::from_value(object.clone()).map_err(kube::Error::SerdeError)?;
     api.create(&PostParams::default(), &dynamic).await
 }
+
+/// A `kubernetes.io/tls` Secret `name` holding a fresh self-signed certificate for `host`.
+pub fn self_signed_tls_secret(
+    name: &str,
+    host: &str,
+) -> Result<k8s_openapi::api::core::v1::Secret, rcgen::Error> {
+    use k8s_openapi::ByteString;
+    let key = rcgen::KeyPair::generate()?;
+    let certificate = rcgen::CertificateParams::new(vec![host.to_owned()])?.self_signed(&key)?;
+    Ok(k8s_openapi::api::core::v1::Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.to_owned()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".to_owned()),
+        data: Some(std::collections::BTreeMap::from([
+            (
+                "tls.crt".to_owned(),
+                ByteString(certificate.pem().into_bytes()),
+            ),
+            (
+                "tls.key".to_owned(),
+                ByteString(key.serialize_pem().into_bytes()),
+            ),
+        ])),
+        ..Default::default()
+    })
+}

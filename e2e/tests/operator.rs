@@ -7,16 +7,15 @@ use std::fmt::Debug;
 use std::path::Path;
 use std::time::Duration;
 
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::api::events::v1::Event;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
 use sallyport_api::{
     ConditionalAccessPolicy, Connector, ConnectorGroup, FleetConfig, PublishedApp,
 };
 use sallyport_e2e::controlplane::Mode;
+use sallyport_e2e::manifests::self_signed_tls_secret;
 use sallyport_e2e::process::{
     OwnedProcess, ProcessError, start_operator as start_operator_process,
 };
@@ -63,29 +62,6 @@ fn condition(app: &PublishedApp, type_: &str) -> Option<(String, String)> {
 
 fn has(app: &PublishedApp, type_: &str, status: &str, reason: &str) -> bool {
     condition(app, type_) == Some((status.to_owned(), reason.to_owned()))
-}
-
-fn tls_secret(name: &str, host: &str) -> Result<Secret, Box<dyn std::error::Error>> {
-    let key = rcgen::KeyPair::generate()?;
-    let certificate = rcgen::CertificateParams::new(vec![host.to_owned()])?.self_signed(&key)?;
-    Ok(Secret {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            ..ObjectMeta::default()
-        },
-        type_: Some("kubernetes.io/tls".to_owned()),
-        data: Some(BTreeMap::from([
-            (
-                "tls.crt".to_owned(),
-                ByteString(certificate.pem().into_bytes()),
-            ),
-            (
-                "tls.key".to_owned(),
-                ByteString(key.serialize_pem().into_bytes()),
-            ),
-        ])),
-        ..Secret::default()
-    })
 }
 
 fn from_yaml<K: DeserializeOwned>(yaml: &str) -> Result<K, serde_yaml::Error> {
@@ -273,7 +249,7 @@ async fn the_operator_reports_the_truth_about_apps_and_policies() -> TestResult 
     })
     .await?;
     secrets
-        .create(&pp, &tls_secret("wiki-tls", "other.example.com")?)
+        .create(&pp, &self_signed_tls_secret("wiki-tls", "other.example.com")?)
         .await?;
     let seen = wait_for(&apps, "wiki", "TLSSecretInvalid", |a| {
         has(a, "ResolvedRefs", "False", "TLSSecretInvalid")
@@ -294,7 +270,7 @@ async fn the_operator_reports_the_truth_about_apps_and_policies() -> TestResult 
         .replace(
             "wiki-tls",
             &pp,
-            &tls_secret("wiki-tls", "*.apps.example.com")?,
+            &self_signed_tls_secret("wiki-tls", "*.apps.example.com")?,
         )
         .await?;
     wait_for(&apps, "wiki", "NoConnectedConnectors", |a| {

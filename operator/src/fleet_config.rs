@@ -2,8 +2,8 @@
 //! operator's namespace that every proxy replica watches (see docs/fleet-config.md).
 //!
 //! The loop here watches the controllers' caches: when any PublishedApp,
-//! ConditionalAccessPolicy, ConnectorGroup or Connector changes, it compiles within
-//! [`POLL`] and writes the ConfigMap only when the compiled content's version differs
+//! ConditionalAccessPolicy, ConnectorGroup, Connector or Namespace changes, it compiles
+//! within [`POLL`] and writes the ConfigMap only when the compiled content's version differs
 //! from the one stored.
 
 use std::collections::BTreeMap;
@@ -13,7 +13,7 @@ use std::time::Duration;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
@@ -36,7 +36,8 @@ pub const CONFIG_MAP: &str = "sallyport-fleet-config";
 pub const POLL: Duration = Duration::from_millis(250);
 /// The longest wait between attempts after failures.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// A compile at least this often, for inputs the caches do not show (namespace labels).
+/// A compile at least this often, as a safety net for inputs read outside the caches
+/// (the revocation ConfigMap, which changes together with a Connector anyway).
 pub const RECOMPILE_EVERY: Duration = Duration::from_secs(60);
 /// A ConfigMap holds at most 1 MiB; the configuration is refused before it gets close.
 pub const MAX_STORED_BYTES: usize = 900 * 1024;
@@ -52,6 +53,8 @@ pub struct Sources {
     pub groups: Store<ConnectorGroup>,
     /// Every Connector.
     pub connectors: Store<Connector>,
+    /// Every Namespace's metadata: labels decide `allowedNamespaces.from: Selector`.
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
 }
 
 fn fingerprint_of<K: Resource + Clone>(store: &Store<K>, hasher: &mut DefaultHasher)
@@ -79,6 +82,7 @@ impl Sources {
         fingerprint_of(&self.policies, &mut hasher);
         fingerprint_of(&self.groups, &mut hasher);
         fingerprint_of(&self.connectors, &mut hasher);
+        fingerprint_of(&self.namespaces, &mut hasher);
         hasher.finish()
     }
 }
@@ -104,11 +108,9 @@ pub async fn publish(
     defaults: &FleetDefaults,
     stored_version: Option<&str>,
 ) -> Result<String, Error> {
-    let namespaces = Api::<PartialObjectMeta<Namespace>>::all(client.clone())
-        .list(&ListParams::default())
-        .await?;
-    let namespace_labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
-        .items
+    let namespace_labels: BTreeMap<String, BTreeMap<String, String>> = sources
+        .namespaces
+        .state()
         .iter()
         .map(|ns| (ns.name_any(), ns.labels().clone()))
         .collect();
@@ -209,6 +211,7 @@ pub async fn run(
             sources.policies.wait_until_ready(),
             sources.groups.wait_until_ready(),
             sources.connectors.wait_until_ready(),
+            sources.namespaces.wait_until_ready(),
         );
     };
     tokio::select! {

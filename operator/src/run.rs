@@ -12,9 +12,10 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::Controller;
 use kube::runtime::controller::{self, Action};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::utils::{Backoff, ResetTimerBackoff};
 use kube::runtime::watcher::Config as WatcherConfig;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use sallyport_api::{ConditionalAccessPolicy, Connector, ConnectorGroup, PublishedApp};
 use tracing::{debug, info, warn};
@@ -465,6 +466,20 @@ async fn run_controllers(
             () = shutdown.cancelled() => {}
         }
     };
+    // Namespace labels feed the compiled configuration (`allowedNamespaces.from: Selector`).
+    let (namespaces_cache, namespaces_writer) = reflector::store();
+    let namespaces_done = watcher(
+        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+        WatcherConfig::default(),
+    )
+    .default_backoff()
+    .reflect(namespaces_writer)
+    .take_until(shutdown.clone().cancelled_owned())
+    .for_each(|event| async move {
+        if let Err(error) = event {
+            warn!(%error, "namespace watch failed; retrying");
+        }
+    });
     // The compiled configuration follows every change of the caches.
     let config_done = fleet_config::run(
         client.clone(),
@@ -473,6 +488,7 @@ async fn run_controllers(
             policies: policies_cache.clone(),
             groups: groups_cache.clone(),
             connectors: connectors_cache.clone(),
+            namespaces: namespaces_cache,
         },
         config.operator_namespace.clone(),
         config.fleet_defaults.clone(),
@@ -486,7 +502,8 @@ async fn run_controllers(
             connectors_done,
             pki_done,
             caches_synced,
-            config_done
+            config_done,
+            namespaces_done
         );
     };
     tokio::select! {
