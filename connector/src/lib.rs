@@ -2,6 +2,11 @@
 //!
 //! It registers once with a bootstrap token (its key pair is made locally; only a CSR leaves the machine), keeps several outbound tunnels open to every proxy replica, pulls its configuration, serves proxied requests to internal apps, renews its certificate before it ages out, and drains cleanly on shutdown.
 
+pub mod backend;
+pub mod register;
+pub mod slice;
+pub mod state;
+
 use std::io::Write;
 
 use clap::Parser;

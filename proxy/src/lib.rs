@@ -2,6 +2,14 @@
 //!
 //! It terminates TLS for every published host, answers robots.txt, limits abuse, signs users in with OpenID Connect, keeps them signed in with an encrypted cookie, enforces conditional access, passes identity on to backends, and carries each request over a reverse HTTP/2 tunnel held open by a connector of the app's group.
 
+pub mod certs;
+pub mod fleet_api;
+pub mod forward;
+pub mod issuer;
+pub mod pages;
+pub mod registry;
+pub mod router;
+
 use std::io::Write;
 
 use clap::Parser;

@@ -1,0 +1,1 @@
+//! The connector side of the tunnel (being written).

@@ -1,0 +1,1 @@
+//! TLS settings of both ends (being written).
