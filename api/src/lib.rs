@@ -23,6 +23,7 @@ pub mod crdgen;
 pub mod duration;
 pub mod fleet_config;
 pub mod published_app;
+pub mod registration;
 
 pub use common::{ObjectReference, SecretKeyReference};
 pub use conditional_access_policy::{

@@ -249,7 +249,10 @@ async fn the_operator_reports_the_truth_about_apps_and_policies() -> TestResult 
     })
     .await?;
     secrets
-        .create(&pp, &self_signed_tls_secret("wiki-tls", "other.example.com")?)
+        .create(
+            &pp,
+            &self_signed_tls_secret("wiki-tls", "other.example.com")?,
+        )
         .await?;
     let seen = wait_for(&apps, "wiki", "TLSSecretInvalid", |a| {
         has(a, "ResolvedRefs", "False", "TLSSecretInvalid")

@@ -21,8 +21,7 @@ use crate::error::Error;
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// The value of [`MANAGED_BY_LABEL`].
 pub const MANAGED_BY: &str = "sallyport-operator";
-/// The ConnectorGroup an object belongs to.
-pub const CONNECTOR_GROUP_LABEL: &str = "sallyport.dev/connector-group";
+pub use sallyport_api::registration::CONNECTOR_GROUP_LABEL;
 /// The hash of the desired object last applied: equal means nothing to write.
 pub const APPLIED_HASH_ANNOTATION: &str = "sallyport.dev/applied-hash";
 

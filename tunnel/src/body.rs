@@ -13,7 +13,9 @@ pub type TunnelBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// An empty body.
 pub fn empty() -> TunnelBody {
-    Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync()
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
 }
 
 /// A body of `bytes`, sent at once.

@@ -28,7 +28,9 @@ pub enum IdentityError {
         value: String,
     },
     /// The URI does not have the connector identity's shape.
-    #[error("connector identity: {uri:?} is not of the form {URI_PREFIX}<namespace>/group/<group>/connector/<name>")]
+    #[error(
+        "connector identity: {uri:?} is not of the form {URI_PREFIX}<namespace>/group/<group>/connector/<name>"
+    )]
     MalformedUri {
         /// The URI given.
         uri: String,
@@ -40,7 +42,9 @@ pub enum IdentityError {
         reason: String,
     },
     /// The certificate carries no connector identity, or more than one.
-    #[error("connector identity: the certificate carries {found} connector identity URIs; exactly one is required")]
+    #[error(
+        "connector identity: the certificate carries {found} connector identity URIs; exactly one is required"
+    )]
     NotExactlyOne {
         /// How many were found.
         found: usize,
@@ -142,11 +146,12 @@ impl ConnectorIdentity {
             X509Certificate::from_der(der).map_err(|e| IdentityError::BadCertificate {
                 reason: e.to_string(),
             })?;
-        let san = certificate
-            .subject_alternative_name()
-            .map_err(|e| IdentityError::BadCertificate {
-                reason: e.to_string(),
-            })?;
+        let san =
+            certificate
+                .subject_alternative_name()
+                .map_err(|e| IdentityError::BadCertificate {
+                    reason: e.to_string(),
+                })?;
         let uris: Vec<&str> = san
             .iter()
             .flat_map(|ext| ext.value.general_names.iter())

@@ -20,25 +20,12 @@ use sallyport_api::{Connector, ConnectorGroup};
 use crate::conditions::Verdict;
 use crate::managed::{group_labels, hardened_container, hardened_pod};
 
-/// The Secret type of registration token Secrets.
-pub const TOKEN_SECRET_TYPE: &str = "sallyport.dev/registration-token";
-/// When the token was minted (RFC 3339).
-pub const ISSUED_AT_ANNOTATION: &str = "sallyport.dev/issued-at";
-/// When the token stops being accepted (RFC 3339).
-pub const EXPIRES_AT_ANNOTATION: &str = "sallyport.dev/expires-at";
-/// How many registrations the token allows; 0 is unlimited.
-pub const MAX_USES_ANNOTATION: &str = "sallyport.dev/max-uses";
-/// How many registrations used the token, counted by the registration endpoint.
-pub const USES_ANNOTATION: &str = "sallyport.dev/uses";
-/// The Secret key holding the token.
-pub const TOKEN_KEY: &str = "token";
+pub use sallyport_api::registration::{
+    EXPIRES_AT_ANNOTATION, ISSUED_AT_ANNOTATION, MAX_USES_ANNOTATION, TOKEN_KEY, TOKEN_SECRET_TYPE,
+    USES_ANNOTATION, token_secret_name,
+};
 /// The condition type of a ConnectorGroup.
 pub const READY: &str = "Ready";
-
-/// The name of the registration token Secret of `group`.
-pub fn token_secret_name(group: &str) -> String {
-    format!("{group}-registration")
-}
 
 /// The name of the connector Deployment of `group`.
 pub fn deployment_name(group: &str) -> String {

@@ -1,0 +1,30 @@
+//! The registration token Secret: what the operator writes for each ConnectorGroup and
+//! the fleet's registration endpoint reads and counts.
+//!
+//! One Secret `<group>-registration` of type [`TOKEN_SECRET_TYPE`] in the group's
+//! namespace holds the bootstrap token under [`TOKEN_KEY`] and the fleet's root CA under
+//! [`CA_KEY`] (so a connector can verify the fleet before it has a certificate).
+//! Annotations say when it was minted and expires, how many registrations it allows and
+//! how many used it.
+
+/// The Secret type of registration token Secrets.
+pub const TOKEN_SECRET_TYPE: &str = "sallyport.dev/registration-token";
+/// When the token was minted (RFC 3339).
+pub const ISSUED_AT_ANNOTATION: &str = "sallyport.dev/issued-at";
+/// When the token stops being accepted (RFC 3339).
+pub const EXPIRES_AT_ANNOTATION: &str = "sallyport.dev/expires-at";
+/// How many registrations the token allows; 0 is unlimited.
+pub const MAX_USES_ANNOTATION: &str = "sallyport.dev/max-uses";
+/// How many registrations used the token, counted by the registration endpoint.
+pub const USES_ANNOTATION: &str = "sallyport.dev/uses";
+/// The Secret key holding the token.
+pub const TOKEN_KEY: &str = "token";
+/// The Secret key holding the fleet's root CA certificate (PEM).
+pub const CA_KEY: &str = "ca.crt";
+/// The label on Connector objects naming their ConnectorGroup.
+pub const CONNECTOR_GROUP_LABEL: &str = "sallyport.dev/connector-group";
+
+/// The name of the registration token Secret of the ConnectorGroup `group`.
+pub fn token_secret_name(group: &str) -> String {
+    format!("{group}-registration")
+}
