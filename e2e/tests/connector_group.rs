@@ -102,6 +102,26 @@ async fn a_connector_group_runs_hardened_connectors_with_a_rotating_token() -> T
         secret.as_ref().and_then(|s| s.type_.clone()).as_deref(),
         Some("sallyport.dev/registration-token")
     );
+    // It carries the fleet's root CA, the very certificate of sallyport-root-ca.
+    let secret = wait_for(
+        &secrets,
+        "east-registration",
+        "fleet CA in the token Secret",
+        |s| {
+            s.and_then(|s| s.data.as_ref())
+                .is_some_and(|d| d.contains_key("ca.crt"))
+        },
+    )
+    .await?;
+    let root = Api::<Secret>::namespaced(client.clone(), &operator_namespace)
+        .get("sallyport-root-ca")
+        .await?;
+    let token_ca = secret
+        .as_ref()
+        .and_then(|s| s.data.as_ref()?.get("ca.crt").cloned());
+    let root_ca = root.data.as_ref().and_then(|d| d.get("tls.crt").cloned());
+    assert!(token_ca.is_some());
+    assert_eq!(token_ca, root_ca);
     let seen = wait_for(&groups, "east", "status", |g| group_status(g).is_some()).await?;
     assert_eq!(
         group_status(seen.as_ref()),

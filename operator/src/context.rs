@@ -28,6 +28,23 @@ pub struct OperatorConfig {
     pub pki: crate::pki::PkiSettings,
 }
 
+impl OperatorConfig {
+    /// Where connectors dial the fleet: the first tunnel host name, on the proxy
+    /// Service's port 443.
+    pub fn fleet_endpoint(&self) -> crate::connector_group::build::FleetEndpoint {
+        let host = self
+            .pki
+            .tunnel_hostnames
+            .first()
+            .cloned()
+            .unwrap_or_else(|| format!("sallyport-proxy.{}.svc", self.operator_namespace));
+        crate::connector_group::build::FleetEndpoint {
+            address: format!("{host}:443"),
+            server_name: host,
+        }
+    }
+}
+
 /// Shared state of the controllers.
 pub struct Context {
     /// The Kubernetes client.

@@ -21,9 +21,19 @@ use crate::conditions::Verdict;
 use crate::managed::{group_labels, hardened_container, hardened_pod};
 
 pub use sallyport_api::registration::{
-    EXPIRES_AT_ANNOTATION, ISSUED_AT_ANNOTATION, MAX_USES_ANNOTATION, TOKEN_KEY, TOKEN_SECRET_TYPE,
-    USES_ANNOTATION, token_secret_name,
+    CA_KEY, EXPIRES_AT_ANNOTATION, ISSUED_AT_ANNOTATION, MAX_USES_ANNOTATION, TOKEN_KEY,
+    TOKEN_SECRET_TYPE, USES_ANNOTATION, token_secret_name,
 };
+
+/// Where connectors reach the fleet: what the operator wires into connector Deployments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetEndpoint {
+    /// `host:port` connectors dial.
+    pub address: String,
+    /// The host name the tunnel serving certificate is checked against (and sent as SNI).
+    pub server_name: String,
+}
+
 /// The condition type of a ConnectorGroup.
 pub const READY: &str = "Ready";
 
@@ -105,8 +115,14 @@ fn owner(
     group.controller_owner_ref(&()).into_iter().collect()
 }
 
-/// The registration token Secret of `group` holding `token`.
-pub fn token_secret(group: &ConnectorGroup, token: &str, issued_at: Timestamp) -> Secret {
+/// The registration token Secret of `group` holding `token` and, once the fleet's root
+/// CA exists, its certificate `fleet_ca` (so connectors can verify the fleet).
+pub fn token_secret(
+    group: &ConnectorGroup,
+    token: &str,
+    issued_at: Timestamp,
+    fleet_ca: Option<&[u8]>,
+) -> Secret {
     let name = group.name_any();
     let expires_at = expiry(group, issued_at)
         .map(|t| t.to_string())
@@ -128,15 +144,21 @@ pub fn token_secret(group: &ConnectorGroup, token: &str, issued_at: Timestamp) -
             ..ObjectMeta::default()
         },
         type_: Some(TOKEN_SECRET_TYPE.to_owned()),
-        data: Some(BTreeMap::from([
-            (TOKEN_KEY.to_owned(), ByteString(token.as_bytes().to_vec())),
-            (
-                "connectorGroup".to_owned(),
-                ByteString(
-                    format!("{}/{name}", group.namespace().unwrap_or_default()).into_bytes(),
-                ),
-            ),
-        ])),
+        data: Some(
+            [
+                Some((TOKEN_KEY.to_owned(), ByteString(token.as_bytes().to_vec()))),
+                Some((
+                    "connectorGroup".to_owned(),
+                    ByteString(
+                        format!("{}/{name}", group.namespace().unwrap_or_default()).into_bytes(),
+                    ),
+                )),
+                fleet_ca.map(|ca| (CA_KEY.to_owned(), ByteString(ca.to_vec()))),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        ),
         ..Secret::default()
     }
 }
@@ -148,6 +170,7 @@ pub fn connector_deployment(
     group: &ConnectorGroup,
     spec: &ConnectorDeployment,
     default_image: &str,
+    fleet: &FleetEndpoint,
 ) -> Deployment {
     let name = group.name_any();
     let labels = BTreeMap::from([
@@ -185,6 +208,20 @@ pub fn connector_deployment(
                     secret_key_ref: Some(SecretKeySelector {
                         name: token_secret_name(&name),
                         key: TOKEN_KEY.to_owned(),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+            },
+            env("SALLYPORT_FLEET_ADDRESS", fleet.address.clone()),
+            env("SALLYPORT_FLEET_SERVER_NAME", fleet.server_name.clone()),
+            EnvVar {
+                name: "SALLYPORT_FLEET_CA".to_owned(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: token_secret_name(&name),
+                        key: CA_KEY.to_owned(),
                         optional: Some(false),
                     }),
                     ..EnvVarSource::default()
@@ -319,7 +356,7 @@ mod tests {
         );
 
         let issued = at("2026-01-01T00:00:00Z");
-        let mut secret = token_secret(&group, "abc", issued);
+        let mut secret = token_secret(&group, "abc", issued, None);
         let keep = TokenPlan::Keep {
             token: "abc".into(),
             issued_at: issued,
@@ -345,7 +382,12 @@ mod tests {
     #[test]
     fn a_shorter_ttl_applies_to_the_current_token() {
         let issued = at("2026-01-01T00:00:00Z");
-        let secret = token_secret(&group("{registration: {tokenTTL: 24h}}"), "abc", issued);
+        let secret = token_secret(
+            &group("{registration: {tokenTTL: 24h}}"),
+            "abc",
+            issued,
+            None,
+        );
         let shorter = group("{registration: {tokenTTL: 1h}}");
         assert_eq!(
             plan_token(&shorter, Some(&secret), at("2026-01-01T02:00:00Z")),
@@ -369,9 +411,19 @@ mod tests {
             &group("{registration: {tokenTTL: 2h, maxUses: 3}}"),
             "abc",
             at("2026-01-01T00:00:00Z"),
+            Some(b"CA PEM"),
         );
         assert_eq!(secret.name_any(), "dc-registration");
         assert_eq!(secret.type_.as_deref(), Some(TOKEN_SECRET_TYPE));
+        let data = secret.data.clone().unwrap_or_default();
+        assert_eq!(
+            data.get(CA_KEY).map(|v| v.0.as_slice()),
+            Some(&b"CA PEM"[..])
+        );
+        assert_eq!(
+            data.get(TOKEN_KEY).map(|v| v.0.as_slice()),
+            Some(&b"abc"[..])
+        );
         assert_eq!(
             secret
                 .annotations()
@@ -408,7 +460,15 @@ mod tests {
         let Some(spec) = group.spec.deployment.clone() else {
             panic!("no deployment")
         };
-        let deployment = connector_deployment(&group, &spec, "example/connector:1");
+        let deployment = connector_deployment(
+            &group,
+            &spec,
+            "example/connector:1",
+            &FleetEndpoint {
+                address: "tunnel.example.com:443".to_owned(),
+                server_name: "tunnel.example.com".to_owned(),
+            },
+        );
         let Some(deployment_spec) = deployment.spec else {
             panic!("no spec")
         };
@@ -452,6 +512,27 @@ mod tests {
         assert_eq!(
             secret_ref.map(|r| (r.name, r.key)),
             Some(("dc-registration".to_owned(), "token".to_owned()))
+        );
+        let env = |name: &str| {
+            let var = container.env.iter().flatten().find(|e| e.name == name);
+            let literal = var.and_then(|e| e.value.clone());
+            let from_secret = var
+                .and_then(|e| e.value_from.clone())
+                .and_then(|v| v.secret_key_ref)
+                .map(|r| format!("{}:{}", r.name, r.key));
+            literal.or(from_secret)
+        };
+        assert_eq!(
+            env("SALLYPORT_FLEET_ADDRESS").as_deref(),
+            Some("tunnel.example.com:443")
+        );
+        assert_eq!(
+            env("SALLYPORT_FLEET_SERVER_NAME").as_deref(),
+            Some("tunnel.example.com")
+        );
+        assert_eq!(
+            env("SALLYPORT_FLEET_CA").as_deref(),
+            Some("dc-registration:ca.crt")
         );
     }
 

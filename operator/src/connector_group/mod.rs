@@ -23,6 +23,7 @@ use crate::conditions::{merge, transitions};
 use crate::context::{Context, FIELD_MANAGER};
 use crate::error::Error;
 use crate::managed::{apply_if_changed, delete_orphans, group_selector};
+use crate::pki::build::ROOT_CA;
 use crate::reconcile::{publish, retry_after_failure, transition_event};
 
 /// How often an unchanged group is looked at again.
@@ -57,14 +58,27 @@ pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<
             (build::new_token().map_err(Error::Random)?, now)
         }
     };
-    let desired_secret = build::token_secret(&group, &token, issued_at);
+    // The fleet's root CA goes into the token Secret so connectors can verify the fleet
+    // before they hold a certificate; the PKI loop makes it shortly after start.
+    let fleet_ca = Api::<Secret>::namespaced(ctx.client.clone(), &ctx.config.operator_namespace)
+        .get_opt(ROOT_CA)
+        .await?
+        .and_then(|root| root.data)
+        .and_then(|mut data| data.remove("tls.crt"))
+        .map(|pem| pem.0);
+    let desired_secret = build::token_secret(&group, &token, issued_at, fleet_ca.as_deref());
     apply_if_changed(&secrets, desired_secret, existing_secret.as_ref()).await?;
 
     // The connector Deployment, and nothing else labelled for this group.
     let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &namespace);
     let mut keep = Vec::new();
     if let Some(spec) = &group.spec.deployment {
-        let desired = build::connector_deployment(&group, spec, &ctx.config.connector_image);
+        let desired = build::connector_deployment(
+            &group,
+            spec,
+            &ctx.config.connector_image,
+            &ctx.config.fleet_endpoint(),
+        );
         let existing = deployments.get_opt(&deployment_name(&name)).await?;
         apply_if_changed(&deployments, desired, existing.as_ref()).await?;
         keep.push(deployment_name(&name));
@@ -106,6 +120,10 @@ pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<
         debug!(%namespace, %name, "status unchanged");
     }
 
+    if fleet_ca.is_none() {
+        debug!(%namespace, %name, "the fleet's root CA does not exist yet; looking again shortly");
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     // Come back when the token expires, or at the resync interval.
     let until_expiry = build::expiry(&group, issued_at)
         .and_then(|expires| now.duration_until(expires).try_into().ok())
