@@ -1,6 +1,6 @@
-//! Running the operator as the least-privileged identity it ships with: its
-//! ServiceAccount, bound to exactly the RBAC rules of `sallyport-operator rbac`, with a
-//! token from the TokenRequest API in a kubeconfig of its own.
+//! Running the operator and the proxies as the least-privileged identities they ship
+//! with: their ServiceAccounts, bound to exactly the RBAC rules of `sallyport-operator
+//! rbac`, each with a token from the TokenRequest API in a kubeconfig of its own.
 
 use std::path::PathBuf;
 
@@ -32,11 +32,51 @@ pub enum IdentityError {
     Kubeconfig(String),
 }
 
-/// Applies the operator's RBAC for `operator_namespace` and writes a kubeconfig that
-/// authenticates as its ServiceAccount; returns that kubeconfig's path.
+/// Applies the RBAC for `operator_namespace` and writes a kubeconfig that authenticates
+/// as the operator's ServiceAccount; returns that kubeconfig's path.
 pub async fn operator_kubeconfig(
     control_plane: &ControlPlane,
     operator_namespace: &str,
+) -> Result<PathBuf, IdentityError> {
+    service_account_kubeconfig(control_plane, operator_namespace, rbac::OPERATOR).await
+}
+
+/// Applies the RBAC for `operator_namespace`, makes sure the proxy fleet's ServiceAccount
+/// exists (the operator makes it too, with the fleet), and writes a kubeconfig that
+/// authenticates as it; returns that kubeconfig's path.
+pub async fn proxy_kubeconfig(
+    control_plane: &ControlPlane,
+    operator_namespace: &str,
+) -> Result<PathBuf, IdentityError> {
+    let client = control_plane
+        .client()
+        .await
+        .map_err(|e| IdentityError::Kubeconfig(e.to_string()))?;
+    let account = ServiceAccount {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(rbac::PROXY.to_owned()),
+            ..Default::default()
+        },
+        ..ServiceAccount::default()
+    };
+    Api::<ServiceAccount>::namespaced(client, operator_namespace)
+        .patch(
+            rbac::PROXY,
+            &PatchParams::apply("sallyport-e2e"),
+            &Patch::Apply(&account),
+        )
+        .await
+        .map_err(|source| IdentityError::Api {
+            what: "creating the proxy ServiceAccount".to_owned(),
+            source,
+        })?;
+    service_account_kubeconfig(control_plane, operator_namespace, rbac::PROXY).await
+}
+
+async fn service_account_kubeconfig(
+    control_plane: &ControlPlane,
+    operator_namespace: &str,
+    account: &str,
 ) -> Result<PathBuf, IdentityError> {
     let api_error = |what: &str| {
         let what = what.to_owned();
@@ -82,7 +122,7 @@ pub async fn operator_kubeconfig(
         ..TokenRequest::default()
     };
     let token = Api::<ServiceAccount>::namespaced(client, operator_namespace)
-        .create_token_request(rbac::OPERATOR, &PostParams::default(), &request)
+        .create_token_request(account, &PostParams::default(), &request)
         .await
         .map_err(api_error("requesting a ServiceAccount token"))?
         .status
@@ -102,7 +142,7 @@ pub async fn operator_kubeconfig(
     }
     let path = control_plane
         .kubeconfig_path()
-        .with_file_name(format!("operator-{operator_namespace}.kubeconfig"));
+        .with_file_name(format!("{account}-{operator_namespace}.kubeconfig"));
     let yaml =
         serde_yaml::to_string(&restricted).map_err(|e| IdentityError::Kubeconfig(e.to_string()))?;
     std::fs::write(&path, yaml)

@@ -2,8 +2,13 @@
 //! where apps, groups and their Secrets live in any namespace, and only in its own
 //! namespace for the Lease, the fleet's objects and the fleet configuration.
 //!
+//! The proxy fleet's ServiceAccount `sallyport-proxy` (which the operator creates with
+//! the fleet) gets its own, smaller set: read the fleet configuration and the Secrets
+//! apps reference, count registration token uses, record Connectors, and keep its
+//! replica Lease.
+//!
 //! `sallyport-operator rbac --namespace NS` prints these objects; the Helm chart renders
-//! the same rules, and the e2e tests run the operator under them.
+//! the same rules, and the e2e tests run the operator and the proxies under them.
 
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{
@@ -88,42 +93,101 @@ pub fn namespace_rules() -> Vec<PolicyRule> {
     ]
 }
 
-/// The operator's RBAC objects for an operator in `namespace`, as JSON documents in
-/// apply order: ServiceAccount, ClusterRole, ClusterRoleBinding, Role, RoleBinding.
+/// The name of the proxy fleet's ServiceAccount, ClusterRole and Role.
+pub const PROXY: &str = "sallyport-proxy";
+
+/// The proxy's cluster-wide rules: read the Secrets apps and ConnectorGroups reference
+/// (TLS certificates, registration tokens) and count token uses; record the Connectors
+/// that register.
+pub fn proxy_cluster_rules() -> Vec<PolicyRule> {
+    vec![
+        rule("", &["secrets"], &["get", "list", "watch", "update"]),
+        rule(
+            "sallyport.dev",
+            &["connectors"],
+            &["get", "list", "watch", "create", "patch"],
+        ),
+        rule("sallyport.dev", &["connectors/status"], &["patch"]),
+    ]
+}
+
+/// The proxy's rules in the fleet's namespace: the fleet configuration ConfigMap and the
+/// replica Leases.
+pub fn proxy_namespace_rules() -> Vec<PolicyRule> {
+    vec![
+        rule("", &["configmaps"], &["get", "list", "watch"]),
+        rule(
+            "coordination.k8s.io",
+            &["leases"],
+            &["get", "list", "create", "patch", "delete"],
+        ),
+    ]
+}
+
+/// The RBAC objects for an operator and its proxy fleet in `namespace`, as JSON
+/// documents in apply order: the operator's ServiceAccount, ClusterRole,
+/// ClusterRoleBinding, Role and RoleBinding, then the proxy's ClusterRole,
+/// ClusterRoleBinding, Role and RoleBinding (its ServiceAccount comes with the fleet).
 pub fn objects(namespace: &str) -> Result<Vec<serde_json::Value>, serde_json::Error> {
-    let subject = Subject {
-        kind: "ServiceAccount".to_owned(),
-        name: OPERATOR.to_owned(),
-        namespace: Some(namespace.to_owned()),
-        api_group: None,
-    };
-    let named = |name: &str, namespace: Option<&str>| ObjectMeta {
+    let mut objects = vec![with_kind(
+        "v1",
+        "ServiceAccount",
+        serde_json::to_value(ServiceAccount {
+            metadata: named(OPERATOR, OPERATOR, Some(namespace)),
+            ..ServiceAccount::default()
+        })?,
+    )];
+    objects.extend(bound_roles(
+        OPERATOR,
+        namespace,
+        cluster_rules(),
+        namespace_rules(),
+    )?);
+    objects.extend(bound_roles(
+        PROXY,
+        namespace,
+        proxy_cluster_rules(),
+        proxy_namespace_rules(),
+    )?);
+    Ok(objects)
+}
+
+fn named(app: &str, name: &str, namespace: Option<&str>) -> ObjectMeta {
+    ObjectMeta {
         name: Some(name.to_owned()),
         namespace: namespace.map(str::to_owned),
-        labels: Some([("app.kubernetes.io/name".to_owned(), OPERATOR.to_owned())].into()),
+        labels: Some([("app.kubernetes.io/name".to_owned(), app.to_owned())].into()),
         ..ObjectMeta::default()
+    }
+}
+
+/// A ClusterRole and Role named `account`, bound to the ServiceAccount `account` of
+/// `namespace`.
+fn bound_roles(
+    account: &str,
+    namespace: &str,
+    cluster: Vec<PolicyRule>,
+    namespaced: Vec<PolicyRule>,
+) -> Result<Vec<serde_json::Value>, serde_json::Error> {
+    let subject = Subject {
+        kind: "ServiceAccount".to_owned(),
+        name: account.to_owned(),
+        namespace: Some(namespace.to_owned()),
+        api_group: None,
     };
     let role_ref = |kind: &str| RoleRef {
         api_group: "rbac.authorization.k8s.io".to_owned(),
         kind: kind.to_owned(),
-        name: OPERATOR.to_owned(),
+        name: account.to_owned(),
     };
-    let binding_name = format!("{OPERATOR}-{namespace}");
+    let binding_name = format!("{account}-{namespace}");
     Ok(vec![
-        with_kind(
-            "v1",
-            "ServiceAccount",
-            serde_json::to_value(ServiceAccount {
-                metadata: named(OPERATOR, Some(namespace)),
-                ..ServiceAccount::default()
-            })?,
-        ),
         with_kind(
             "rbac.authorization.k8s.io/v1",
             "ClusterRole",
             serde_json::to_value(ClusterRole {
-                metadata: named(OPERATOR, None),
-                rules: Some(cluster_rules()),
+                metadata: named(account, account, None),
+                rules: Some(cluster),
                 ..ClusterRole::default()
             })?,
         ),
@@ -131,7 +195,7 @@ pub fn objects(namespace: &str) -> Result<Vec<serde_json::Value>, serde_json::Er
             "rbac.authorization.k8s.io/v1",
             "ClusterRoleBinding",
             serde_json::to_value(ClusterRoleBinding {
-                metadata: named(&binding_name, None),
+                metadata: named(account, &binding_name, None),
                 role_ref: role_ref("ClusterRole"),
                 subjects: Some(vec![subject.clone()]),
             })?,
@@ -140,15 +204,15 @@ pub fn objects(namespace: &str) -> Result<Vec<serde_json::Value>, serde_json::Er
             "rbac.authorization.k8s.io/v1",
             "Role",
             serde_json::to_value(Role {
-                metadata: named(OPERATOR, Some(namespace)),
-                rules: Some(namespace_rules()),
+                metadata: named(account, account, Some(namespace)),
+                rules: Some(namespaced),
             })?,
         ),
         with_kind(
             "rbac.authorization.k8s.io/v1",
             "RoleBinding",
             serde_json::to_value(RoleBinding {
-                metadata: named(OPERATOR, Some(namespace)),
+                metadata: named(account, account, Some(namespace)),
                 role_ref: role_ref("Role"),
                 subjects: Some(vec![subject]),
             })?,
@@ -170,7 +234,13 @@ mod tests {
 
     #[test]
     fn no_rule_grants_wildcards_or_escalation() {
-        for rule in cluster_rules().iter().chain(namespace_rules().iter()) {
+        let all = [
+            cluster_rules(),
+            namespace_rules(),
+            proxy_cluster_rules(),
+            proxy_namespace_rules(),
+        ];
+        for rule in all.iter().flatten() {
             assert!(
                 !rule
                     .verbs
@@ -222,6 +292,10 @@ mod tests {
                 "ClusterRole",
                 "ClusterRoleBinding",
                 "Role",
+                "RoleBinding",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
                 "RoleBinding"
             ]
         );
@@ -230,5 +304,7 @@ mod tests {
             objects[2]["metadata"]["name"],
             "sallyport-operator-platform"
         );
+        assert_eq!(objects[6]["subjects"][0]["name"], "sallyport-proxy");
+        assert_eq!(objects[8]["roleRef"]["name"], "sallyport-proxy");
     }
 }
