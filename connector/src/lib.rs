@@ -4,12 +4,13 @@
 
 pub mod backend;
 pub mod register;
+pub mod run;
 pub mod slice;
 pub mod state;
 
 use std::io::Write;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Command-line interface of `sallyport-connector`.
 #[derive(Debug, Parser)]
@@ -17,14 +18,61 @@ use clap::Parser;
     name = "sallyport-connector",
     version,
     about = "The Sallyport connector: runs inside a private network and carries requests from the proxy fleet to internal apps over outbound-only mutual TLS.",
-    long_about = "The Sallyport connector: runs inside a private network and carries requests from the proxy fleet to internal apps over outbound-only mutual TLS.\n\nIt registers once with a bootstrap token (its key pair is made locally; only a CSR leaves the machine), keeps several outbound tunnels open to every proxy replica, pulls its configuration, serves proxied requests to internal apps, renews its certificate before it ages out, and drains cleanly on shutdown.\n\nToday it prints its version and exits; its serving mode arrives with the data-plane issue."
+    long_about = "The Sallyport connector: runs inside a private network and carries requests from the proxy fleet to internal apps over outbound-only mutual TLS.\n\nIt registers once with a bootstrap token (its key pair is made locally; only a CSR leaves the machine), keeps several outbound tunnels open to every proxy replica, pulls its configuration, serves proxied requests to internal apps, renews its certificate before it ages out, and drains cleanly on shutdown.\n\nExample (outside Kubernetes):\n  sallyport-connector run --fleet-address tunnel.example.com:443 --fleet-ca-file ca.crt \\\n    --group infra/datacenter-east --token \"$TOKEN\" --state-dir /var/lib/sallyport"
 )]
-pub struct Cli {}
+pub struct Cli {
+    /// What to do; without a command, print the version.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The commands of `sallyport-connector`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Register (unless the state directory already holds a registration), then carry
+    /// requests until SIGTERM.
+    Run(run::RunArgs),
+    /// Register with the fleet and save the state, then exit.
+    Register(run::FleetArgs),
+}
+
+/// The connector could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    /// Writing the output failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Running failed.
+    #[error(transparent)]
+    Run(#[from] run::RunError),
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ConnectorError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ConnectorError::Run(run::RunError::Runtime(e)))
+}
 
 /// Runs `sallyport-connector` as `cli` asks, writing its output to `out`.
-pub fn run(cli: Cli, out: &mut impl Write) -> std::io::Result<()> {
-    let Cli {} = cli;
-    writeln!(out, "sallyport-connector {}", env!("CARGO_PKG_VERSION"))
+pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), ConnectorError> {
+    match cli.command {
+        Some(Command::Run(args)) => {
+            sallyport_service::init_tracing(&args.fleet.log_format);
+            runtime()?.block_on(run::run(args))?;
+        }
+        Some(Command::Register(args)) => {
+            sallyport_service::init_tracing(&args.log_format);
+            let state = runtime()?.block_on(run::register_only(args))?;
+            writeln!(
+                out,
+                "registered as {} in group {}",
+                state.connector_id, state.group_id
+            )?;
+        }
+        None => writeln!(out, "sallyport-connector {}", env!("CARGO_PKG_VERSION"))?,
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -39,5 +87,27 @@ mod tests {
             String::from_utf8_lossy(&out),
             format!("sallyport-connector {}\n", env!("CARGO_PKG_VERSION"))
         );
+    }
+
+    #[test]
+    fn the_server_name_defaults_to_the_address_host() {
+        let cli = Cli::parse_from([
+            "sallyport-connector",
+            "register",
+            "--fleet-address",
+            "tunnel.example.com:443",
+            "--fleet-ca",
+            "not a certificate",
+        ]);
+        let Some(Command::Register(args)) = cli.command else {
+            panic!("register parses");
+        };
+        // The CA text is checked: a clear error rather than a handshake failure later.
+        let error = args.endpoint(None).err().map(|e| e.to_string());
+        assert!(
+            error.as_deref().is_some_and(|e| e.contains("fleet CA")),
+            "{error:?}"
+        );
+        assert_eq!(args.fleet_server_name, None);
     }
 }

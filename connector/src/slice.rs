@@ -1,1 +1,925 @@
-//! (being written)
+//! The group's configuration slice as the connector serves it.
+//!
+//! [`CurrentSlice`] holds the latest [`GroupSlice`] compiled into an index: app id ->
+//! [`AppBackend`] (the app's internal origin and path prefix, its backend settings and the
+//! HTTP client to reach it). A request looks its app up without locking or allocating;
+//! [`CurrentSlice::replace`] swaps a whole new index in atomically, and requests in flight
+//! finish on the index they started with.
+//!
+//! **Clients.** Plain `http` backends share one HTTP/1.1 client. `https` backends get one
+//! client per distinct TLS setting (trust, `serverName`, `insecureSkipVerify`), offering
+//! HTTP/2 and HTTP/1.1 by ALPN. A client whose setting is unchanged is carried over to
+//! the next slice version, so its connection pool survives a configuration change.
+//!
+//! **Trust.** An `https` backend is verified against the system trust store (read once,
+//! with `rustls-native-certs`, which honours `SSL_CERT_FILE` and `SSL_CERT_DIR`) plus the
+//! connector-wide extra CA bundle given to [`CurrentSlice::with_backend_ca`]. The slice
+//! names an app's own CA only by Secret reference (`backend.tls.caSecretRef`) today; until
+//! the fleet inlines that CA's PEM into the slice, such an app is verified against the
+//! same trust store (a warning says so) and gets a client of its own, so that the CA can
+//! later be added without touching other apps.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::uri::{Authority, Scheme};
+use http::{Request, Uri};
+use hyper::body::Incoming;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::{Client, ResponseFuture};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use sallyport_api::fleet_config::{GroupSlice, SCHEMA_VERSION, SecretKeyRef, SliceApp};
+use sallyport_tunnel::tls::{TlsError, certificates_from_pem, provider};
+use tracing::{info, warn};
+
+/// How long a backend may take to send its response headers when the app's
+/// `backend.timeout` is not a positive duration.
+pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_secs(85);
+
+/// How long an idle backend connection stays in a client's pool.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// TCP keepalive of backend connections.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// HTTP/2 flow-control window per stream toward `h2` backends (the levers measured in
+/// `performance.md`: 8/16 MiB windows for bulk transfers).
+const H2_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+
+/// HTTP/2 flow-control window per connection toward `h2` backends.
+const H2_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// A slice could not be taken, or the connector's backend trust could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SliceError {
+    /// The slice was written with a schema this connector does not read; the current
+    /// slice keeps serving.
+    #[error(
+        "group slice {version}: schemaVersion {found} is newer than this connector reads \
+         ({supported}); keeping the current slice"
+    )]
+    UnsupportedSchemaVersion {
+        /// The slice's version.
+        version: String,
+        /// The slice's schema version.
+        found: u32,
+        /// The highest schema version this build reads.
+        supported: u32,
+    },
+    /// The extra backend CA bundle is not PEM certificates rustls accepts as roots.
+    #[error("backend CA bundle: {0}")]
+    BackendCa(#[source] TlsError),
+}
+
+/// Why one app of a slice cannot be served; the app is skipped with a warning.
+#[derive(Debug, thiserror::Error)]
+enum AppError {
+    /// `internalUrl` is not an absolute `http`/`https` URL without user info or query.
+    #[error("app {app}: internalUrl {url:?} is not usable: {reason}")]
+    InternalUrl {
+        app: String,
+        url: String,
+        reason: String,
+    },
+    /// `backend.tls.serverName` is not a DNS name or IP address.
+    #[error("app {app}: backend.tls.serverName {name:?} is not a DNS name or IP address")]
+    ServerName { app: String, name: String },
+    /// The TLS client could not be configured.
+    #[error("app {app}: backend TLS client: {source}")]
+    Tls { app: String, source: rustls::Error },
+}
+
+/// Why a request URI is refused for an app: it does not lie under the app's internal URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UriRefused {
+    /// The scheme differs from the internal URL's (or is missing).
+    #[error("the request URI's scheme is not the app's internal URL's")]
+    Scheme,
+    /// Host or port differ from the internal URL's, the authority is missing, or it
+    /// carries user info.
+    #[error("the request URI's host and port are not the app's internal URL's")]
+    Authority,
+    /// The path is not under the internal URL's path, or it holds `.`/`..` segments
+    /// (also percent-encoded) that could climb out of it.
+    #[error("the request URI's path is not under the app's internal URL's path")]
+    Path,
+}
+
+/// The HTTP client an app's requests are sent with. Cheap to clone (clients share their
+/// connection pool).
+#[derive(Clone, Debug)]
+pub struct BackendClient(ClientKind);
+
+#[derive(Clone, Debug)]
+enum ClientKind {
+    /// Plain `http`: HTTP/1.1.
+    Plain(Client<HttpConnector, Incoming>),
+    /// `https`: HTTP/2 or HTTP/1.1 as ALPN settles.
+    Tls(Client<HttpsConnector<HttpConnector>, Incoming>),
+}
+
+impl BackendClient {
+    /// Sends `request` (absolute URI, HTTP/1.1 version: the client moves to HTTP/2 by
+    /// itself when the backend negotiates it) and resolves to the response headers.
+    pub fn request(&self, request: Request<Incoming>) -> ResponseFuture {
+        match &self.0 {
+            ClientKind::Plain(client) => client.request(request),
+            ClientKind::Tls(client) => client.request(request),
+        }
+    }
+
+    /// Whether this client speaks TLS (for `https` backends).
+    pub fn is_tls(&self) -> bool {
+        matches!(self.0, ClientKind::Tls(_))
+    }
+}
+
+/// An app of the current slice, ready to serve: where its backend is and how to reach it.
+#[derive(Debug)]
+pub struct AppBackend {
+    app: String,
+    internal_url: String,
+    scheme: Scheme,
+    host: String,
+    port: u16,
+    path_prefix: String,
+    timeout: Duration,
+    websockets: bool,
+    client: Tagged,
+}
+
+impl AppBackend {
+    /// The app's id, `namespace/name`.
+    pub fn app(&self) -> &str {
+        &self.app
+    }
+
+    /// The app's internal URL as the slice gives it.
+    pub fn internal_url(&self) -> &str {
+        &self.internal_url
+    }
+
+    /// The internal URL's path, which every request path must lie under (`/` for the
+    /// whole origin).
+    pub fn path_prefix(&self) -> &str {
+        &self.path_prefix
+    }
+
+    /// How long the backend may take to send its response headers.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Whether WebSocket upgrades may pass.
+    pub fn websockets(&self) -> bool {
+        self.websockets
+    }
+
+    /// The client to send the app's requests with.
+    pub fn client(&self) -> &BackendClient {
+        &self.client.client
+    }
+
+    /// The id of the client (equal ids share one connection pool; ids are never reused
+    /// within a [`CurrentSlice`]).
+    pub fn client_id(&self) -> u64 {
+        self.client.id
+    }
+
+    /// Checks that `uri` lies under the app's internal URL: the same scheme, host and
+    /// port (default ports spelled or not), no user info, and a path under the internal
+    /// path prefix (`/app/` admits `/app`, `/app/` and `/app/...`; `/app` admits `/app`
+    /// and `/app/...`, never `/application`). Under a prefix other than `/`, paths with
+    /// `.` or `..` segments, literal or percent-encoded, are refused: a backend that
+    /// normalises them could be made to serve outside the prefix.
+    pub fn check_uri(&self, uri: &Uri) -> Result<(), UriRefused> {
+        if uri.scheme() != Some(&self.scheme) {
+            return Err(UriRefused::Scheme);
+        }
+        let Some(authority) = uri.authority() else {
+            return Err(UriRefused::Authority);
+        };
+        if authority.as_str().contains('@')
+            || !authority.host().eq_ignore_ascii_case(&self.host)
+            || effective_port(authority, &self.scheme) != self.port
+        {
+            return Err(UriRefused::Authority);
+        }
+        if path_under(uri.path(), &self.path_prefix) {
+            Ok(())
+        } else {
+            Err(UriRefused::Path)
+        }
+    }
+}
+
+/// The port of `authority`, or the scheme's default.
+fn effective_port(authority: &Authority, scheme: &Scheme) -> u16 {
+    authority
+        .port_u16()
+        .unwrap_or(if *scheme == Scheme::HTTPS { 443 } else { 80 })
+}
+
+/// Whether `path` lies under `prefix` (see [`AppBackend::check_uri`]).
+fn path_under(path: &str, prefix: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    let under = match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        // `/app` for the prefix `/app/`.
+        None => prefix.strip_suffix('/') == Some(path),
+    };
+    under && !has_dot_segment(path)
+}
+
+/// Whether `path` holds a `.` or `..` segment, with `.`, `/` and `\` also recognised
+/// percent-encoded and `\` taken as a separator (as some backends do).
+fn has_dot_segment(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    let mut dots = 0usize;
+    let mut other = false;
+    let mut i = 0;
+    loop {
+        let (byte, width) = match bytes.get(i) {
+            None => (b'/', 1),
+            Some(b'%') => match (bytes.get(i + 1), bytes.get(i + 2)) {
+                (Some(&h), Some(&l)) if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => {
+                    (hex(h) << 4 | hex(l), 3)
+                }
+                _ => (b'%', 1),
+            },
+            Some(&b) => (b, 1),
+        };
+        match byte {
+            b'/' | b'\\' => {
+                if !other && (dots == 1 || dots == 2) {
+                    return true;
+                }
+                dots = 0;
+                other = false;
+            }
+            b'.' => dots += 1,
+            _ => other = true,
+        }
+        if i >= bytes.len() {
+            return false;
+        }
+        i += width;
+    }
+}
+
+/// The value of an ASCII hex digit (0 for any other byte; callers check first).
+fn hex(digit: u8) -> u8 {
+    match digit {
+        b'0'..=b'9' => digit - b'0',
+        b'a'..=b'f' => digit - b'a' + 10,
+        b'A'..=b'F' => digit - b'A' + 10,
+        _ => 0,
+    }
+}
+
+/// A client with an id, so that reuse across slice versions can be observed.
+#[derive(Clone, Debug)]
+struct Tagged {
+    id: u64,
+    client: BackendClient,
+}
+
+/// What distinguishes one backend TLS client from another.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+struct TlsKey {
+    /// The app's CA Secret; not read yet (see the module docs), but kept apart so the CA
+    /// can be added later without touching other apps' clients.
+    ca_secret_ref: Option<SecretKeyRef>,
+    /// SNI and the name verified, instead of the URL's host.
+    server_name: Option<String>,
+    /// Accept any certificate.
+    insecure_skip_verify: bool,
+}
+
+/// One compiled slice version.
+#[derive(Debug, Default)]
+struct Compiled {
+    version: Option<String>,
+    apps: HashMap<String, Arc<AppBackend>>,
+    tls_clients: HashMap<TlsKey, Tagged>,
+}
+
+/// What every slice version shares.
+#[derive(Debug)]
+struct Shared {
+    current: ArcSwap<Compiled>,
+    /// Serialises [`CurrentSlice::replace`] so that client reuse sees the latest version.
+    replace_lock: Mutex<()>,
+    plain: Tagged,
+    /// The connector-wide extra backend CA certificates.
+    extra_roots: Vec<CertificateDer<'static>>,
+    /// System roots plus `extra_roots`, read when the first `https` app appears.
+    roots: OnceLock<Arc<RootCertStore>>,
+    provider: Arc<CryptoProvider>,
+    next_client_id: std::sync::atomic::AtomicU64,
+}
+
+/// The group slice the connector currently serves, compiled for lookups. Cheap to clone:
+/// clones share one slice.
+#[derive(Clone, Debug)]
+pub struct CurrentSlice {
+    shared: Arc<Shared>,
+}
+
+impl Default for CurrentSlice {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CurrentSlice {
+    /// An empty slice (no app is served) whose `https` backends are verified against the
+    /// system trust store.
+    pub fn new() -> Self {
+        Self::build(Vec::new())
+    }
+
+    /// Like [`CurrentSlice::new`], with the certificates of `ca_pem` trusted for every
+    /// `https` backend in addition to the system trust store: a connector-wide extra CA
+    /// bundle (tests pass their own CA here). Per-app CAs arrive with the slice once the
+    /// fleet inlines them.
+    pub fn with_backend_ca(ca_pem: Option<&str>) -> Result<Self, SliceError> {
+        let extra = match ca_pem {
+            Some(pem) => certificates_from_pem("backend CA bundle", pem.as_bytes())
+                .map_err(SliceError::BackendCa)?,
+            None => Vec::new(),
+        };
+        let mut check = RootCertStore::empty();
+        for certificate in &extra {
+            check.add(certificate.clone()).map_err(|source| {
+                SliceError::BackendCa(TlsError::Rustls {
+                    what: "backend CA bundle".to_owned(),
+                    source,
+                })
+            })?;
+        }
+        Ok(Self::build(extra))
+    }
+
+    fn build(extra_roots: Vec<CertificateDer<'static>>) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_keepalive(Some(TCP_KEEPALIVE));
+        let plain = Tagged {
+            id: 0,
+            client: BackendClient(ClientKind::Plain(client_builder().build(http))),
+        };
+        Self {
+            shared: Arc::new(Shared {
+                current: ArcSwap::from_pointee(Compiled::default()),
+                replace_lock: Mutex::new(()),
+                plain,
+                extra_roots,
+                roots: OnceLock::new(),
+                provider: provider(),
+                next_client_id: std::sync::atomic::AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// Serves `slice` from now on. Apps that cannot be served (an unusable internal URL
+    /// or TLS setting) are skipped with a warning naming the app; the rest are served.
+    /// Clients whose settings are unchanged are carried over with their connections.
+    /// Fails, keeping the current slice, only for a schema newer than this build reads.
+    pub fn replace(&self, slice: GroupSlice) -> Result<(), SliceError> {
+        if slice.schema_version > SCHEMA_VERSION {
+            return Err(SliceError::UnsupportedSchemaVersion {
+                version: slice.version,
+                found: slice.schema_version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        let _serialised = self
+            .shared
+            .replace_lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let previous = self.shared.current.load_full();
+        let mut tls_clients = HashMap::new();
+        let mut apps = HashMap::with_capacity(slice.apps.len());
+        let mut skipped = 0usize;
+        for app in slice.apps {
+            match self.compile(app, &previous.tls_clients, &mut tls_clients) {
+                Ok(backend) => {
+                    if let Some(duplicate) = apps.insert(backend.app.clone(), Arc::new(backend)) {
+                        warn!(
+                            app = %duplicate.app,
+                            version = %slice.version,
+                            "the group slice lists the app twice; the later entry is served"
+                        );
+                    }
+                }
+                Err(error) => {
+                    skipped += 1;
+                    warn!(version = %slice.version, error = %error, "skipping an app of the group slice");
+                }
+            }
+        }
+        info!(
+            version = %slice.version,
+            group = %slice.group.id,
+            apps = apps.len(),
+            skipped,
+            tls_clients = tls_clients.len(),
+            "serving group slice"
+        );
+        self.shared.current.store(Arc::new(Compiled {
+            version: Some(slice.version),
+            apps,
+            tls_clients,
+        }));
+        Ok(())
+    }
+
+    /// The version of the slice being served; `None` before the first one.
+    pub fn version(&self) -> Option<String> {
+        self.shared.current.load().version.clone()
+    }
+
+    /// The app `app_id` (`namespace/name`) of the current slice, if this group serves it.
+    pub fn app(&self, app_id: &str) -> Option<Arc<AppBackend>> {
+        self.shared.current.load().apps.get(app_id).cloned()
+    }
+
+    /// The ids of the apps of the current slice, sorted.
+    pub fn app_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.shared.current.load().apps.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    fn compile(
+        &self,
+        app: SliceApp,
+        previous: &HashMap<TlsKey, Tagged>,
+        clients: &mut HashMap<TlsKey, Tagged>,
+    ) -> Result<AppBackend, AppError> {
+        let SliceApp {
+            app,
+            internal_url,
+            backend,
+        } = app;
+        let invalid = |reason: &str| AppError::InternalUrl {
+            app: app.clone(),
+            url: internal_url.clone(),
+            reason: reason.to_owned(),
+        };
+        let uri: Uri = internal_url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| invalid(&e.to_string()))?;
+        let scheme = match uri.scheme() {
+            Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS => s.clone(),
+            Some(_) => return Err(invalid("the scheme is neither http nor https")),
+            None => return Err(invalid("it is not absolute (no scheme)")),
+        };
+        let Some(authority) = uri.authority() else {
+            return Err(invalid("it has no host"));
+        };
+        if authority.as_str().contains('@') {
+            return Err(invalid("it carries user info"));
+        }
+        if authority.host().is_empty() {
+            return Err(invalid("it has no host"));
+        }
+        if uri.query().is_some() {
+            return Err(invalid("it has a query"));
+        }
+        let path_prefix = match uri.path() {
+            "" => "/".to_owned(),
+            path => path.to_owned(),
+        };
+        if has_dot_segment(&path_prefix) {
+            return Err(invalid("its path has . or .. segments"));
+        }
+        let timeout = backend.timeout.to_std().unwrap_or_else(|error| {
+            warn!(
+                app = %app,
+                error = %error,
+                default = ?DEFAULT_BACKEND_TIMEOUT,
+                "backend.timeout is not a positive duration; using the default"
+            );
+            DEFAULT_BACKEND_TIMEOUT
+        });
+        let client = if scheme == Scheme::HTTPS {
+            let key = match &backend.tls {
+                Some(tls) => TlsKey {
+                    ca_secret_ref: tls.ca_secret_ref.clone(),
+                    server_name: tls.server_name.clone(),
+                    insecure_skip_verify: tls.insecure_skip_verify,
+                },
+                None => TlsKey::default(),
+            };
+            if let Some(secret) = &key.ca_secret_ref {
+                warn!(
+                    app = %app,
+                    secret = %format!("{}/{}", secret.namespace, secret.name),
+                    key = %secret.key,
+                    "backend.tls.caSecretRef is not delivered to connectors yet; verifying \
+                     the backend against the system trust store and the connector's extra CAs"
+                );
+            }
+            if key.insecure_skip_verify {
+                warn!(app = %app, "backend.tls.insecureSkipVerify: the backend's certificate is not verified");
+            }
+            match clients.get(&key) {
+                Some(client) => client.clone(),
+                None => {
+                    let client = match previous.get(&key) {
+                        Some(client) => client.clone(),
+                        None => self.tls_client(&app, &key)?,
+                    };
+                    clients.insert(key, client.clone());
+                    client
+                }
+            }
+        } else {
+            if backend.tls.is_some() {
+                warn!(app = %app, "backend.tls is ignored: the internal URL is plain http");
+            }
+            self.shared.plain.clone()
+        };
+        Ok(AppBackend {
+            host: authority.host().to_owned(),
+            port: effective_port(authority, &scheme),
+            scheme,
+            path_prefix,
+            timeout,
+            websockets: backend.websockets,
+            client,
+            app,
+            internal_url,
+        })
+    }
+
+    /// The system roots plus the extra CAs, read once.
+    fn roots(&self) -> Arc<RootCertStore> {
+        self.shared
+            .roots
+            .get_or_init(|| {
+                let mut store = RootCertStore::empty();
+                let native = rustls_native_certs::load_native_certs();
+                for error in &native.errors {
+                    warn!(error = %error, "cannot read part of the system trust store");
+                }
+                let (added, ignored) = store.add_parsable_certificates(native.certs);
+                for certificate in &self.shared.extra_roots {
+                    if let Err(error) = store.add(certificate.clone()) {
+                        warn!(error = %error, "cannot trust a certificate of the backend CA bundle");
+                    }
+                }
+                info!(
+                    system = added,
+                    ignored,
+                    extra = self.shared.extra_roots.len(),
+                    "backend trust store loaded"
+                );
+                Arc::new(store)
+            })
+            .clone()
+    }
+
+    fn tls_client(&self, app: &str, key: &TlsKey) -> Result<Tagged, AppError> {
+        let tls = |source| AppError::Tls {
+            app: app.to_owned(),
+            source,
+        };
+        let builder = ClientConfig::builder_with_provider(self.shared.provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(tls)?;
+        let config = if key.insecure_skip_verify {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate {
+                    provider: self.shared.provider.clone(),
+                }))
+                .with_no_client_auth()
+        } else {
+            builder
+                .with_root_certificates(self.roots())
+                .with_no_client_auth()
+        };
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_keepalive(Some(TCP_KEEPALIVE));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_only();
+        let connector = match &key.server_name {
+            Some(name) => {
+                let bare = name
+                    .strip_prefix('[')
+                    .and_then(|n| n.strip_suffix(']'))
+                    .unwrap_or(name);
+                let server_name =
+                    ServerName::try_from(bare.to_owned()).map_err(|_| AppError::ServerName {
+                        app: app.to_owned(),
+                        name: name.clone(),
+                    })?;
+                connector.with_server_name_resolver(FixedServerNameResolver::new(server_name))
+            }
+            None => connector,
+        };
+        let connector = connector.enable_http1().enable_http2().wrap_connector(http);
+        Ok(Tagged {
+            id: self
+                .shared
+                .next_client_id
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            client: BackendClient(ClientKind::Tls(client_builder().build(connector))),
+        })
+    }
+}
+
+/// The settings every backend client shares.
+fn client_builder() -> hyper_util::client::legacy::Builder {
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .http2_initial_stream_window_size(H2_STREAM_WINDOW)
+        .http2_initial_connection_window_size(H2_CONNECTION_WINDOW);
+    builder
+}
+
+/// `insecureSkipVerify`: accepts any certificate, but still checks the handshake
+/// signatures, so the peer must at least hold the key of the certificate it shows.
+#[derive(Debug)]
+struct AnyCertificate {
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sallyport_api::Duration as ApiDuration;
+    use sallyport_api::connector_group::{CertificatePolicy, Registration};
+    use sallyport_api::fleet_config::{Backend, BackendTls, ConnectorGroupConfig};
+
+    use super::*;
+
+    fn duration(text: &str) -> ApiDuration {
+        ApiDuration::parse(text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn app(id: &str, url: &str, tls: Option<BackendTls>) -> SliceApp {
+        SliceApp {
+            app: id.to_owned(),
+            internal_url: url.to_owned(),
+            backend: Backend {
+                timeout: duration("85s"),
+                websockets: false,
+                tls,
+            },
+        }
+    }
+
+    fn slice(version: &str, apps: Vec<SliceApp>) -> GroupSlice {
+        GroupSlice {
+            schema_version: SCHEMA_VERSION,
+            version: version.to_owned(),
+            group: ConnectorGroupConfig {
+                id: "infra/east".to_owned(),
+                certificate: CertificatePolicy::default(),
+                registration: Registration::default(),
+                inactive_connector_ttl: duration("240h"),
+            },
+            apps,
+        }
+    }
+
+    fn uri(text: &str) -> Uri {
+        text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    #[test]
+    fn paths_must_lie_under_the_prefix() {
+        for (path, prefix, under) in [
+            ("/anything/../x", "/", true),
+            ("/app/", "/app/", true),
+            ("/app", "/app/", true),
+            ("/app/x/y", "/app/", true),
+            ("/application", "/app/", false),
+            ("/application", "/app", false),
+            ("/app", "/app", true),
+            ("/app/x", "/app", true),
+            ("/other", "/app/", false),
+            ("/", "/app/", false),
+            ("/app/../admin", "/app/", false),
+            ("/app/..", "/app/", false),
+            ("/app/./x", "/app/", false),
+            ("/app/%2e%2e/admin", "/app/", false),
+            ("/app/%2E./admin", "/app/", false),
+            ("/app/..%2fadmin", "/app/", false),
+            ("/app/..%5cadmin", "/app/", false),
+            ("/app/..\\admin", "/app/", false),
+            ("/app/...", "/app/", true),
+            ("/app/.well-known/x", "/app/", true),
+            ("/app/a..b", "/app/", true),
+            ("/app/100%", "/app/", true),
+        ] {
+            assert_eq!(path_under(path, prefix), under, "{path} under {prefix}");
+        }
+    }
+
+    #[test]
+    fn unusable_apps_are_skipped_and_the_rest_served() {
+        let current = CurrentSlice::new();
+        assert_eq!(current.version(), None);
+        let bad_timeout = SliceApp {
+            backend: Backend {
+                // Zero is not a valid duration; the default applies.
+                timeout: serde_json::from_str("\"0s\"").unwrap_or_else(|e| panic!("{e}")),
+                websockets: false,
+                tls: None,
+            },
+            ..app("team-a/zero", "http://zero.corp:8080", None)
+        };
+        let result = current.replace(slice(
+            "v1",
+            vec![
+                app("team-a/wiki", "http://wiki.corp.internal/wiki/", None),
+                app("team-a/relative", "/wiki/", None),
+                app("team-a/ftp", "ftp://files.corp/", None),
+                app("team-a/userinfo", "http://user:pw@wiki.corp/", None),
+                app("team-a/query", "http://wiki.corp/?a=b", None),
+                app("team-a/garbage", "http://exa mple/", None),
+                app(
+                    "team-a/badname",
+                    "https://wiki.corp/",
+                    Some(BackendTls {
+                        ca_secret_ref: None,
+                        server_name: Some("not a name".to_owned()),
+                        insecure_skip_verify: false,
+                    }),
+                ),
+                bad_timeout,
+            ],
+        ));
+        assert!(result.is_ok(), "{result:?}");
+        assert_eq!(current.version().as_deref(), Some("v1"));
+        assert_eq!(current.app_ids(), ["team-a/wiki", "team-a/zero"]);
+        let zero = current.app("team-a/zero");
+        assert_eq!(
+            zero.as_ref().map(|a| (a.timeout(), a.path_prefix())),
+            Some((DEFAULT_BACKEND_TIMEOUT, "/"))
+        );
+        let wiki = current
+            .app("team-a/wiki")
+            .unwrap_or_else(|| panic!("team-a/wiki is served"));
+        assert!(!wiki.client().is_tls());
+        assert_eq!(
+            wiki.check_uri(&uri("http://wiki.corp.internal/wiki/a?b=c")),
+            Ok(())
+        );
+        assert_eq!(
+            wiki.check_uri(&uri("http://WIKI.corp.internal:80/wiki/")),
+            Ok(())
+        );
+        assert_eq!(
+            wiki.check_uri(&uri("https://wiki.corp.internal/wiki/")),
+            Err(UriRefused::Scheme)
+        );
+        assert_eq!(wiki.check_uri(&uri("/wiki/")), Err(UriRefused::Scheme));
+        for other in [
+            "http://wiki.corp.internal:8080/wiki/",
+            "http://evil.corp/wiki/",
+            "http://x@wiki.corp.internal/wiki/",
+        ] {
+            assert_eq!(
+                wiki.check_uri(&uri(other)),
+                Err(UriRefused::Authority),
+                "{other}"
+            );
+        }
+        assert_eq!(
+            wiki.check_uri(&uri("http://wiki.corp.internal/admin")),
+            Err(UriRefused::Path)
+        );
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_and_the_current_slice_kept() {
+        let current = CurrentSlice::new();
+        let taken = current.replace(slice("v1", vec![app("a/b", "http://b.corp/", None)]));
+        assert!(taken.is_ok());
+        let mut newer = slice("v2", vec![]);
+        newer.schema_version = SCHEMA_VERSION + 1;
+        assert!(matches!(
+            current.replace(newer),
+            Err(SliceError::UnsupportedSchemaVersion { .. })
+        ));
+        assert_eq!(current.version().as_deref(), Some("v1"));
+        assert!(current.app("a/b").is_some());
+    }
+
+    #[tokio::test]
+    async fn clients_survive_unchanged_settings_and_are_shared_per_setting() {
+        let current = CurrentSlice::new();
+        let named = |name: &str| {
+            Some(BackendTls {
+                ca_secret_ref: None,
+                server_name: Some(name.to_owned()),
+                insecure_skip_verify: false,
+            })
+        };
+        let first = current.replace(slice(
+            "v1",
+            vec![
+                app("a/one", "https://one.corp/", named("app.corp.test")),
+                app("a/two", "https://two.corp/", named("app.corp.test")),
+                app("a/three", "https://three.corp/", None),
+                app("a/plain", "http://plain.corp/", None),
+            ],
+        ));
+        assert!(first.is_ok());
+        let id = |app: &str| current.app(app).map(|a| a.client_id());
+        let (one, two, three, plain) = (id("a/one"), id("a/two"), id("a/three"), id("a/plain"));
+        assert_eq!(one, two, "equal TLS settings share a client");
+        assert_ne!(one, three);
+        assert_eq!(plain, Some(0));
+        let second = current.replace(slice(
+            "v2",
+            vec![
+                app("a/one", "https://one.corp/", named("app.corp.test")),
+                app("a/three", "https://three.corp/", named("other.corp.test")),
+                app("a/plain", "http://plain.corp/other/", None),
+            ],
+        ));
+        assert!(second.is_ok());
+        assert_eq!(id("a/one"), one, "an unchanged setting keeps its client");
+        assert_ne!(id("a/three"), three, "a changed setting gets a new client");
+        assert_eq!(id("a/plain"), plain);
+        assert_eq!(id("a/two"), None);
+    }
+
+    #[test]
+    fn a_backend_ca_bundle_must_be_pem_certificates() {
+        assert!(matches!(
+            CurrentSlice::with_backend_ca(Some("not pem")),
+            Err(SliceError::BackendCa(_))
+        ));
+        assert!(CurrentSlice::with_backend_ca(None).is_ok());
+    }
+}

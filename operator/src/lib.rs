@@ -113,7 +113,7 @@ pub struct RunArgs {
 
     /// How old the session-cookie key may get before a new one takes over (older keys
     /// still open existing cookies).
-    #[arg(long, env = "SALLYPORT_SESSION_KEY_ROTATION", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "SALLYPORT_SESSION_KEY_ROTATION", default_value = "24h", value_parser = sallyport_service::parse_duration)]
     pub session_key_rotation: std::time::Duration,
 
     /// How many session-cookie keys the ring keeps, the current one included: sessions
@@ -210,12 +210,6 @@ impl RunArgs {
     }
 }
 
-fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    sallyport_api::Duration::parse(text)
-        .and_then(|d| d.to_std())
-        .map_err(|e| e.to_string())
-}
-
 fn parse_namespaced_name(text: &str) -> Result<(String, String), String> {
     match text.split_once('/') {
         Some((namespace, name))
@@ -227,20 +221,7 @@ fn parse_namespaced_name(text: &str) -> Result<(String, String), String> {
     }
 }
 
-/// Sets up logging to stderr; `RUST_LOG` overrides the default `info` level.
-pub fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
+pub use sallyport_service::init_tracing;
 
 /// The operator could not do what it was asked.
 #[derive(Debug, thiserror::Error)]

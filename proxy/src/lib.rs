@@ -2,17 +2,22 @@
 //!
 //! It terminates TLS for every published host, answers robots.txt, limits abuse, signs users in with OpenID Connect, keeps them signed in with an encrypted cookie, enforces conditional access, passes identity on to backends, and carries each request over a reverse HTTP/2 tunnel held open by a connector of the app's group.
 
+pub mod app_tls;
 pub mod certs;
+pub mod config_source;
 pub mod fleet_api;
 pub mod forward;
 pub mod issuer;
 pub mod pages;
 pub mod registry;
+pub mod replicas;
 pub mod router;
+pub mod run;
+pub mod serve;
 
 use std::io::Write;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Command-line interface of `sallyport-proxy`.
 #[derive(Debug, Parser)]
@@ -20,14 +25,46 @@ use clap::Parser;
     name = "sallyport-proxy",
     version,
     about = "The Sallyport proxy: the public edge that pre-authenticates users and routes their requests onto connector tunnels.",
-    long_about = "The Sallyport proxy: the public edge that pre-authenticates users and routes their requests onto connector tunnels.\n\nIt terminates TLS for every published host, answers robots.txt, limits abuse, signs users in with OpenID Connect, keeps them signed in with an encrypted cookie, enforces conditional access, passes identity on to backends, and carries each request over a reverse HTTP/2 tunnel held open by a connector of the app's group.\n\nToday it prints its version and exits; its serving mode arrives with the data-plane issue."
+    long_about = "The Sallyport proxy: the public edge that pre-authenticates users and routes their requests onto connector tunnels.\n\nIt terminates TLS for every published host, answers robots.txt, carries each request over a reverse HTTP/2 tunnel held open by a connector of the app's group, and serves the fleet API connectors register and renew their certificates with. In a cluster it follows the configuration the operator compiles; standalone it reads it from a file.\n\nOpenID Connect pre-authentication, conditional access and abuse limits are not in this build yet: apps that require sign-in are refused with a clear page, never passed through."
 )]
-pub struct Cli {}
+pub struct Cli {
+    /// What to do; without a command, print the version.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The commands of `sallyport-proxy`.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve users, connector tunnels and the fleet API until SIGTERM.
+    Run(run::RunArgs),
+}
+
+/// The proxy could not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Writing the output failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// Serving failed.
+    #[error(transparent)]
+    Run(#[from] run::RunError),
+}
 
 /// Runs `sallyport-proxy` as `cli` asks, writing its output to `out`.
-pub fn run(cli: Cli, out: &mut impl Write) -> std::io::Result<()> {
-    let Cli {} = cli;
-    writeln!(out, "sallyport-proxy {}", env!("CARGO_PKG_VERSION"))
+pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), ProxyError> {
+    match cli.command {
+        Some(Command::Run(args)) => {
+            sallyport_service::init_tracing(&args.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(run::RunError::Runtime)?;
+            runtime.block_on(run::run(args))?;
+        }
+        None => writeln!(out, "sallyport-proxy {}", env!("CARGO_PKG_VERSION"))?,
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -42,5 +79,16 @@ mod tests {
             String::from_utf8_lossy(&out),
             format!("sallyport-proxy {}\n", env!("CARGO_PKG_VERSION"))
         );
+    }
+
+    #[test]
+    fn run_has_helpful_defaults() {
+        let cli = Cli::parse_from(["sallyport-proxy", "run"]);
+        let Some(Command::Run(args)) = cli.command else {
+            panic!("run parses");
+        };
+        assert_eq!(args.listen.port(), 8443);
+        assert_eq!(args.fleet_config, "sallyport-fleet-config");
+        assert!(args.fleet_config_file.is_none());
     }
 }

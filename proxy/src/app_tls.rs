@@ -1,0 +1,156 @@
+//! The apps' TLS certificates: for every route, the certificate of the Secret it names
+//! (`tls.crt`, `tls.key`), read from the cluster or, standalone, from a directory laid
+//! out like Secrets (`<dir>/<namespace>/<name>/tls.crt` and `tls.key`).
+//!
+//! Certificates are indexed by the route's host (exact or wildcard), so a request's SNI
+//! finds the certificate of the app it is for. A Secret that cannot be read or used is
+//! logged and its hosts get no certificate (their handshakes fail); the others serve.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use rustls::sign::CertifiedKey;
+use sallyport_api::fleet_config::{FleetConfig, SecretRef};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::certs::{CertError, CertificateStore, certified_key_from_pem};
+
+/// How often certificates are re-read, to pick up renewals (e.g. by cert-manager).
+pub const RELOAD_EVERY: Duration = Duration::from_secs(60);
+
+/// Where the apps' TLS Secrets are read from.
+#[derive(Clone)]
+pub enum SecretSource {
+    /// The cluster's Secrets.
+    Cluster(kube::Client),
+    /// A directory of `<namespace>/<name>/{tls.crt,tls.key}`.
+    Dir(PathBuf),
+}
+
+/// A TLS Secret cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AppTlsError {
+    /// The Secret could not be read.
+    #[error("TLS Secret {namespace}/{name}: {reason}")]
+    Read {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Its certificate or key is unusable.
+    #[error("TLS Secret {namespace}/{name}: {source}")]
+    Unusable {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// Why.
+        source: Box<CertError>,
+    },
+}
+
+impl SecretSource {
+    /// The certificate and key of `secret`.
+    pub async fn certified_key(
+        &self,
+        secret: &SecretRef,
+    ) -> Result<Arc<CertifiedKey>, AppTlsError> {
+        let read = |reason: String| AppTlsError::Read {
+            namespace: secret.namespace.clone(),
+            name: secret.name.clone(),
+            reason,
+        };
+        let (chain, key) = match self {
+            Self::Cluster(client) => {
+                let found = Api::<Secret>::namespaced(client.clone(), &secret.namespace)
+                    .get_opt(&secret.name)
+                    .await
+                    .map_err(|e| read(e.to_string()))?
+                    .ok_or_else(|| read("not found".to_owned()))?;
+                let mut data = found.data.unwrap_or_default();
+                let chain = data
+                    .remove("tls.crt")
+                    .ok_or_else(|| read("no tls.crt".to_owned()))?;
+                let key = data
+                    .remove("tls.key")
+                    .ok_or_else(|| read("no tls.key".to_owned()))?;
+                (chain.0, key.0)
+            }
+            Self::Dir(dir) => {
+                let base = dir.join(&secret.namespace).join(&secret.name);
+                let file = |name: &str| {
+                    let path = base.join(name);
+                    std::fs::read(&path).map_err(|e| read(format!("{}: {e}", path.display())))
+                };
+                (file("tls.crt")?, file("tls.key")?)
+            }
+        };
+        certified_key_from_pem(&chain, &key).map_err(|source| AppTlsError::Unusable {
+            namespace: secret.namespace.clone(),
+            name: secret.name.clone(),
+            source: Box::new(source),
+        })
+    }
+}
+
+/// Loads the certificate of every route of `config` into `store`.
+pub async fn load(store: &CertificateStore, source: &SecretSource, config: &FleetConfig) {
+    let mut keys: BTreeMap<(String, String), Option<Arc<CertifiedKey>>> = BTreeMap::new();
+    let mut entries = Vec::with_capacity(config.routes.len());
+    for route in &config.routes {
+        let secret = &route.tls.secret_ref;
+        let id = (secret.namespace.clone(), secret.name.clone());
+        let key = match keys.get(&id) {
+            Some(key) => key.clone(),
+            None => {
+                let key = match source.certified_key(secret).await {
+                    Ok(key) => Some(key),
+                    Err(error) => {
+                        warn!(app = %route.app, %error, "the app's TLS certificate is unusable; its host is not served");
+                        None
+                    }
+                };
+                keys.insert(id, key.clone());
+                key
+            }
+        };
+        if let Some(key) = key {
+            entries.push((route.host.clone(), key));
+        }
+    }
+    debug!(
+        hosts = entries.len(),
+        secrets = keys.len(),
+        "app certificates loaded"
+    );
+    store.replace(entries);
+}
+
+/// Keeps `store` current: on every new configuration and every [`RELOAD_EVERY`].
+pub async fn follow(
+    store: Arc<CertificateStore>,
+    source: SecretSource,
+    mut configs: watch::Receiver<Option<Arc<FleetConfig>>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let config = configs.borrow_and_update().clone();
+        if let Some(config) = config {
+            load(&store, &source, &config).await;
+        }
+        tokio::select! {
+            changed = configs.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(RELOAD_EVERY) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
