@@ -3,6 +3,7 @@
 //! It terminates TLS for every published host, answers robots.txt, limits abuse, signs users in with OpenID Connect, keeps them signed in with an encrypted cookie, enforces conditional access, passes identity on to backends, and carries each request over a reverse HTTP/2 tunnel held open by a connector of the app's group.
 
 pub mod app_tls;
+pub mod body_translation;
 pub mod certs;
 pub mod config_source;
 pub mod fleet_api;
@@ -14,6 +15,7 @@ pub mod replicas;
 pub mod router;
 pub mod run;
 pub mod serve;
+pub mod websocket;
 
 use std::io::Write;
 

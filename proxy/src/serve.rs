@@ -44,6 +44,7 @@ use crate::fleet_api::{ClientAddress, FleetApi};
 use crate::forward::{self, ClientInfo};
 use crate::pages;
 use crate::router::Router;
+use crate::{body_translation, websocket};
 
 /// How long a client has to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -398,6 +399,10 @@ impl Proxy {
         if route.pre_authentication.kind != PreAuthenticationType::Passthrough {
             return sign_in_unavailable(accept, route, &request_id);
         }
+        if forward::is_websocket_upgrade(request.headers()) {
+            return websocket::tunnel_upgrade(&self.pool, route, request, &client, &request_id)
+                .await;
+        }
         let request = request.map(body::incoming);
         let tunneled = match forward::to_tunnel_request(route, request, &client, &request_id) {
             Ok(tunneled) => tunneled,
@@ -424,6 +429,7 @@ impl Proxy {
             Ok(Ok(response)) => {
                 let mut response =
                     forward::translate_response(route, response.map(|b| b.into_tunnel_body()));
+                response = body_translation::translate_body(route, response);
                 if let Ok(value) = HeaderValue::from_str(&request_id) {
                     response
                         .headers_mut()
