@@ -84,7 +84,7 @@ bench: ## Benchmarks, release build, real control plane on loopback (S8); option
 	$(CARGO_TARGET_DIR)/release/sallyport-bench s8 $(BENCH_ARGS)
 
 .PHONY: demo
-demo: ## Local demo: a control plane with the Sallyport API and the examples installed
+demo: ## Local demo: a control plane, the operator, a proxy and a connector serving an app through a tunnel
 	hack/demo.sh up
 
 .PHONY: demo-down

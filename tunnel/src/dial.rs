@@ -19,9 +19,9 @@
 //! 2. A dial that lands on a replica already served while another is missing is a
 //!    miss: misses back off like failures, so a sticky load balancer cannot make the
 //!    dialer spin.
-//! 3. At the cap with a replica still missing, it retires (drains with GOAWAY) one
-//!    tunnel of the most over-served replica, a replica no longer in `R` first, and
-//!    dials again.
+//! 3. At the cap with a replica still missing, it retires (drains with GOAWAY) the
+//!    newest tunnel of the replica with the most tunnels beyond its target (a replica no
+//!    longer in `R` has a target of zero), and dials again.
 //!
 //! **Failures.** A dial, TLS handshake, ALPN or tunnel that fails before the fleet's
 //! notice arrived counts as a failure: the next dial waits a random time between zero
@@ -488,12 +488,13 @@ impl TunnelContext {
                     source,
                 })
         };
-        let stream = tokio::time::timeout(timeout, connect)
-            .await
-            .map_err(|_| DialError::Timeout {
-                address: address.to_owned(),
-                timeout,
-            })??;
+        let stream =
+            tokio::time::timeout(timeout, connect)
+                .await
+                .map_err(|_| DialError::Timeout {
+                    address: address.to_owned(),
+                    timeout,
+                })??;
         let negotiated = stream.get_ref().1.alpn_protocol();
         if negotiated != Some(TUNNEL_ALPN) {
             return Err(DialError::Alpn {
@@ -513,7 +514,8 @@ impl TunnelContext {
         {
             return Ok(config.clone());
         }
-        let config = tls::connector_client_config(Some(&credentials), &self.fleet_ca, &[TUNNEL_ALPN])?;
+        let config =
+            tls::connector_client_config(Some(&credentials), &self.fleet_ca, &[TUNNEL_ALPN])?;
         *cache = Some((credentials, config.clone()));
         Ok(config)
     }
@@ -672,7 +674,11 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    fn new(context: Arc<TunnelContext>, status: watch::Sender<DialStatus>, span: tracing::Span) -> Self {
+    fn new(
+        context: Arc<TunnelContext>,
+        status: watch::Sender<DialStatus>,
+        span: tracing::Span,
+    ) -> Self {
         Self {
             context,
             status,
@@ -721,9 +727,9 @@ impl Supervisor {
     fn plan(&self) -> Plan {
         let per_replica = self.context.settings.tunnels_per_replica;
         let active = || {
-            self.tunnels
-                .iter()
-                .filter(|(_, slot)| matches!(slot.phase, TunnelPhase::Dialing | TunnelPhase::Serving))
+            self.tunnels.iter().filter(|(_, slot)| {
+                matches!(slot.phase, TunnelPhase::Dialing | TunnelPhase::Serving)
+            })
         };
         let total = active().count();
         let unknown = active().filter(|(_, slot)| slot.replica.is_none()).count();
@@ -739,9 +745,14 @@ impl Supervisor {
             let missing: usize = self
                 .replicas
                 .iter()
-                .map(|replica| per_replica.saturating_sub(known.get(replica.as_str()).map_or(0, Vec::len)))
+                .map(|replica| {
+                    per_replica.saturating_sub(known.get(replica.as_str()).map_or(0, Vec::len))
+                })
                 .sum();
-            (missing.saturating_sub(unknown), 2 * per_replica * self.replicas.len())
+            (
+                missing.saturating_sub(unknown),
+                2 * per_replica * self.replicas.len(),
+            )
         };
         let retire = if needed > 0 && total >= cap {
             self.most_surplus(&known)
@@ -779,7 +790,8 @@ impl Supervisor {
 
     fn spawn_dial(&mut self) {
         let settings = &self.context.settings;
-        let address = settings.fleet_addresses[self.next_address % settings.fleet_addresses.len()].clone();
+        let address =
+            settings.fleet_addresses[self.next_address % settings.fleet_addresses.len()].clone();
         self.next_address = self.next_address.wrapping_add(1);
         let id = self.next_id;
         self.next_id += 1;
@@ -855,8 +867,12 @@ impl Supervisor {
                 })
                 .count()
         };
-        let landed_needed = self.replicas.contains(&notice.replica) && served(&notice.replica) < per_replica;
-        let some_missing = self.replicas.iter().any(|replica| served(replica) < per_replica);
+        let landed_needed =
+            self.replicas.contains(&notice.replica) && served(&notice.replica) < per_replica;
+        let some_missing = self
+            .replicas
+            .iter()
+            .any(|replica| served(replica) < per_replica);
         if landed_needed || !some_missing {
             self.misses = 0;
         } else {
@@ -898,15 +914,24 @@ impl Supervisor {
                 // A tunnel that worked and dropped: the fleet restarted a replica or the
                 // network blinked. Redial at once; a failing dial will back off.
                 match end {
-                    TunnelEnd::Failed(error) => tracing::warn!(tunnel = id, replica, %error, "tunnel lost; redialling"),
-                    _ => tracing::info!(tunnel = id, replica, "tunnel closed by the fleet; redialling"),
+                    TunnelEnd::Failed(error) => {
+                        tracing::warn!(tunnel = id, replica, %error, "tunnel lost; redialling")
+                    }
+                    _ => tracing::info!(
+                        tunnel = id,
+                        replica,
+                        "tunnel closed by the fleet; redialling"
+                    ),
                 }
                 self.next_dial_at = None;
             }
             (_, end) => {
                 let error = match end {
                     TunnelEnd::Failed(error) => error.to_string(),
-                    _ => format!("the fleet at {} closed the tunnel before its notice", slot.address),
+                    _ => format!(
+                        "the fleet at {} closed the tunnel before its notice",
+                        slot.address
+                    ),
                 };
                 self.failures = self.failures.saturating_add(1);
                 let wait = self.backoff(self.failures);
@@ -962,7 +987,10 @@ impl Supervisor {
 
     /// GOAWAY on every tunnel, then waits for them to end, up to the drain timeout.
     async fn drain(mut self) {
-        tracing::info!(tunnels = self.tunnels.len(), "shutting down: draining tunnels");
+        tracing::info!(
+            tunnels = self.tunnels.len(),
+            "shutting down: draining tunnels"
+        );
         for slot in self.tunnels.values_mut() {
             slot.phase = TunnelPhase::Draining;
             slot.control.cancel();
@@ -978,11 +1006,184 @@ impl Supervisor {
         })
         .await;
         if drained.is_err() {
-            tracing::warn!(tunnels = self.tasks.len(), "tunnels still open after the drain; closing them");
+            tracing::warn!(
+                tunnels = self.tasks.len(),
+                "tunnels still open after the drain; closing them"
+            );
             self.tasks.shutdown().await;
         }
         self.tunnels.clear();
         self.publish();
         tracing::info!("all tunnels closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn supervisor(replicas: &[&str]) -> Supervisor {
+        let (events, _) = mpsc::unbounded_channel();
+        let credentials = Credentials {
+            chain: Vec::new(),
+            key: rustls_pki_types::PrivateKeyDer::Pkcs8(Vec::new().into()),
+        };
+        let handler: Handler = Arc::new(|_| Box::pin(async { Response::new(body::empty()) }));
+        let context = TunnelContext {
+            settings: DialSettings::new(vec!["fleet:443".to_owned()], "fleet"),
+            server_name: ServerName::try_from("fleet").unwrap_or_else(|e| panic!("{e}")),
+            credentials: Arc::new(ArcSwap::from_pointee(credentials)),
+            fleet_ca: Vec::new(),
+            tls: Mutex::new(None),
+            handler,
+            connector_id: "infra/vm-1".to_owned(),
+            config_version: watch::channel(String::new()).1,
+            notices: watch::Sender::new(None),
+            events,
+        };
+        let mut supervisor = Supervisor::new(
+            Arc::new(context),
+            watch::Sender::new(DialStatus::default()),
+            tracing::Span::none(),
+        );
+        supervisor.replicas = replicas.iter().map(|r| (*r).to_owned()).collect();
+        supervisor
+    }
+
+    /// Adds tunnels in `phase`, landed on `replica` (`None`: not known yet).
+    fn add(supervisor: &mut Supervisor, count: usize, phase: TunnelPhase, replica: Option<&str>) {
+        for _ in 0..count {
+            let id = supervisor.next_id;
+            supervisor.next_id += 1;
+            supervisor.tunnels.insert(
+                id,
+                TunnelSlot {
+                    address: "fleet:443".to_owned(),
+                    phase,
+                    replica: replica.map(str::to_owned),
+                    healthy: replica.is_some(),
+                    since: SystemTime::now(),
+                    control: CancellationToken::new(),
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn before_any_notice_it_dials_tunnels_per_replica() {
+        let mut supervisor = supervisor(&[]);
+        assert_eq!(
+            supervisor.plan(),
+            Plan {
+                dials: 2,
+                retire: None
+            }
+        );
+        add(&mut supervisor, 1, TunnelPhase::Dialing, None);
+        assert_eq!(
+            supervisor.plan(),
+            Plan {
+                dials: 1,
+                retire: None
+            }
+        );
+        add(&mut supervisor, 1, TunnelPhase::Serving, None);
+        assert_eq!(
+            supervisor.plan(),
+            Plan {
+                dials: 0,
+                retire: None
+            }
+        );
+    }
+
+    #[test]
+    fn it_dials_for_missing_replicas_counting_pending_tunnels() {
+        let mut supervisor = supervisor(&["a", "b", "c"]);
+        add(&mut supervisor, 2, TunnelPhase::Serving, Some("a"));
+        // b and c miss two each.
+        assert_eq!(
+            supervisor.plan(),
+            Plan {
+                dials: 4,
+                retire: None
+            }
+        );
+        // Tunnels whose notice has not come may land on b or c.
+        add(&mut supervisor, 3, TunnelPhase::Dialing, None);
+        assert_eq!(
+            supervisor.plan(),
+            Plan {
+                dials: 1,
+                retire: None
+            }
+        );
+        // Draining tunnels count for nothing.
+        add(&mut supervisor, 2, TunnelPhase::Retiring, Some("b"));
+        assert_eq!(
+            supervisor.plan(),
+            Plan {
+                dials: 1,
+                retire: None
+            }
+        );
+    }
+
+    #[test]
+    fn at_the_cap_it_retires_the_newest_tunnel_of_the_most_served_replica() {
+        let mut supervisor = supervisor(&["a", "b"]);
+        add(&mut supervisor, 7, TunnelPhase::Serving, Some("a"));
+        add(&mut supervisor, 1, TunnelPhase::Serving, Some("b"));
+        // 8 = 2 * 2 * 2 tunnels: the cap. b still misses one.
+        assert_eq!(
+            supervisor.plan(),
+            Plan {
+                dials: 0,
+                retire: Some(7)
+            }
+        );
+        supervisor.retire(7);
+        assert_eq!(
+            supervisor.plan(),
+            Plan {
+                dials: 1,
+                retire: None
+            }
+        );
+    }
+
+    #[test]
+    fn tunnels_to_a_replica_gone_from_the_notice_are_all_surplus() {
+        let mut supervisor = supervisor(&["a", "b"]);
+        add(&mut supervisor, 3, TunnelPhase::Serving, Some("a"));
+        add(&mut supervisor, 3, TunnelPhase::Serving, Some("old"));
+        add(&mut supervisor, 1, TunnelPhase::Serving, Some("b"));
+        assert_eq!(
+            supervisor.plan(),
+            Plan {
+                dials: 1,
+                retire: None
+            }
+        );
+        add(&mut supervisor, 1, TunnelPhase::Serving, Some("a"));
+        // At the cap with b missing: a has 2 beyond its target, "old" (target 0) has 3.
+        assert_eq!(
+            supervisor.plan(),
+            Plan {
+                dials: 0,
+                retire: Some(6)
+            }
+        );
+    }
+
+    #[test]
+    fn backoff_is_jittered_under_a_doubling_ceiling() {
+        let supervisor = supervisor(&[]);
+        for attempt in 1..40 {
+            let ceiling = Duration::from_millis(100)
+                .saturating_mul(1 << (attempt - 1).min(20))
+                .min(Duration::from_secs(10));
+            assert!(supervisor.backoff(attempt) <= ceiling);
+        }
     }
 }

@@ -16,7 +16,11 @@
 //!   [`PoolSettings::wait_for_tunnel`] for one (a connector redialling after a drop)
 //!   and then fails with [`PoolError::NoTunnel`]; it never hangs.
 //! - **Retry.** A request that hyper hands back unsent (its tunnel closed or received a
-//!   GOAWAY just before) is retried on another tunnel of the group.
+//!   GOAWAY just before) is retried on another tunnel of the group, and so is a request
+//!   without a body whose stream crossed the connector's GOAWAY and was refused
+//!   unprocessed: a connector's drain loses no such request. (hyper's dispatcher notices
+//!   a GOAWAY only when the next request reaches it, and a stream it opened just before
+//!   can reach the connector after the connector's final GOAWAY.)
 //! - **Revocation.** [`TunnelPool::close_connector`] and [`TunnelPool::retain`] cut
 //!   tunnels at once, in-flight streams included; [`TunnelPool::close_all`] stops
 //!   routing and lets in-flight streams finish first.
@@ -30,7 +34,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode, header};
+use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http2::{self, SendRequest};
@@ -129,7 +133,9 @@ pub enum PoolError {
         source: hyper::Error,
     },
     /// A request failed on the tunnel it was sent on.
-    #[error("request for connector group {group} failed on the tunnel of connector {connector}: {source}")]
+    #[error(
+        "request for connector group {group} failed on the tunnel of connector {connector}: {source}"
+    )]
     Request {
         /// The group, `namespace/name`.
         group: String,
@@ -284,7 +290,9 @@ impl TunnelPool {
         let connector = attachment.identity.connector_id();
         let closer = attachment.closer.clone();
         let executor = TunnelExecutor::new(closer.clone());
-        let handshake = self.client_builder(executor.clone()).handshake(TokioIo::new(io));
+        let handshake = self
+            .client_builder(executor.clone())
+            .handshake(TokioIo::new(io));
         let (sender, connection) = tokio::select! {
             handshake = handshake => handshake.map_err(|source| PoolError::Handshake {
                 connector: connector.clone(),
@@ -337,7 +345,8 @@ impl TunnelPool {
         // as the tunnel carries requests.
         let mut connection = pin!(connection);
         let timeout = self.inner.settings.notice_timeout;
-        let notice_sent = tokio::time::timeout(timeout, deliver_notice(sender.clone(), notice, connector));
+        let notice_sent =
+            tokio::time::timeout(timeout, deliver_notice(sender.clone(), notice, connector));
         let reply = tokio::select! {
             reply = notice_sent => reply.map_err(|_| PoolError::Notice {
                 connector: connector.to_owned(),
@@ -360,7 +369,9 @@ impl TunnelPool {
             config_version = %reply.config_version,
             "tunnel up"
         );
-        self.inner.route(attachment, sender, &notice.replica, reply);
+        if !self.inner.route(attachment, sender, &notice.replica, reply) {
+            return Ok(None);
+        }
         let ended = tokio::select! {
             ended = &mut connection => Some(ended),
             () = attachment.closer.cancelled() => None,
@@ -401,10 +412,7 @@ impl TunnelPool {
         let mut changes = self.inner.changes.subscribe();
         // A request without a body can be sent again when the connector refused its
         // stream unprocessed (it was opened as the connector's GOAWAY crossed it).
-        let replay = request
-            .body()
-            .is_end_stream()
-            .then(|| request.clone_head());
+        let replay = request.body().is_end_stream().then(|| request.clone_head());
         let mut request = request;
         loop {
             let Some((route, stream)) = self.inner.pick(group_id)? else {
@@ -419,8 +427,11 @@ impl TunnelPool {
                 continue;
             };
             let mut sender = route.sender.clone();
+            let upgrade = request.method() == Method::CONNECT;
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(response.map(|body| ResponseBody::new(body, stream))),
+                Ok(response) => {
+                    return Ok(response.map(|body| ResponseBody::new(body, stream, upgrade)));
+                }
                 Err(mut error) => match error.take_message() {
                     Some(unsent) => {
                         tracing::debug!(
@@ -505,8 +516,18 @@ impl TunnelPool {
     /// Sends the notice `notice_for` makes for each routable tunnel (e.g. after a
     /// configuration change), all at once. Failures are logged, not fatal. Returns how
     /// many connectors acknowledged.
-    pub async fn notify_all(&self, notice_for: impl Fn(&ConnectorIdentity) -> FleetNotice) -> usize {
-        let routes: Vec<Route> = self.inner.state().routes.values().flatten().cloned().collect();
+    pub async fn notify_all(
+        &self,
+        notice_for: impl Fn(&ConnectorIdentity) -> FleetNotice,
+    ) -> usize {
+        let routes: Vec<Route> = self
+            .inner
+            .state()
+            .routes
+            .values()
+            .flatten()
+            .cloned()
+            .collect();
         let timeout = self.inner.settings.notice_timeout;
         let deliveries = routes.into_iter().map(|route| {
             let notice = notice_for(&route.identity);
@@ -592,7 +613,8 @@ impl TunnelPool {
             state.routes.clear();
         }
         self.inner.bump();
-        let drained = tokio::time::timeout(self.inner.settings.drain_timeout, self.inner.detached()).await;
+        let drained =
+            tokio::time::timeout(self.inner.settings.drain_timeout, self.inner.detached()).await;
         if drained.is_err() {
             let cut = self.retain(|_| false);
             tracing::warn!(
@@ -617,7 +639,11 @@ impl PoolInner {
     }
 
     /// Records a new tunnel; the returned guard removes it when the tunnel ends.
-    fn admit(self: &Arc<Self>, id: u64, identity: &ConnectorIdentity) -> Result<Attachment, PoolError> {
+    fn admit(
+        self: &Arc<Self>,
+        id: u64,
+        identity: &ConnectorIdentity,
+    ) -> Result<Attachment, PoolError> {
         let closer = CancellationToken::new();
         let mut state = self.state();
         if state.closed {
@@ -638,19 +664,20 @@ impl PoolInner {
         })
     }
 
-    /// Makes an acknowledged tunnel carry requests of its group.
+    /// Makes an acknowledged tunnel carry requests of its group; `false` when the tunnel
+    /// was cut or the pool closed while its notice was on the way.
     fn route(
         &self,
         attachment: &Attachment,
         sender: SendRequest<TunnelBody>,
         replica: &str,
         reply: NoticeReply,
-    ) {
+    ) -> bool {
         {
             let mut state = self.state();
             // A tunnel cut while its notice was on the way must not come back.
             if state.closed || attachment.closer.is_cancelled() {
-                return;
+                return false;
             }
             state
                 .routes
@@ -667,6 +694,7 @@ impl PoolInner {
                 });
         }
         self.bump();
+        true
     }
 
     fn unroute(&self, id: u64) {
@@ -678,7 +706,12 @@ impl PoolInner {
 
     fn record_reply(&self, id: u64, replica: &str, reply: NoticeReply) {
         let mut state = self.state();
-        if let Some(route) = state.routes.values_mut().flatten().find(|route| route.id == id) {
+        if let Some(route) = state
+            .routes
+            .values_mut()
+            .flatten()
+            .find(|route| route.id == id)
+        {
             route.replica = replica.to_owned();
             route.reply = reply;
         }
@@ -707,7 +740,12 @@ impl PoolInner {
             }
         }
         // Counted under the lock, so that concurrent requests see each other.
-        Ok(best.map(|(route, _)| (route.clone(), OutstandingStream::new(route.outstanding.clone()))))
+        Ok(best.map(|(route, _)| {
+            (
+                route.clone(),
+                OutstandingStream::new(route.outstanding.clone()),
+            )
+        }))
     }
 
     /// Waits until no tunnel is attached.
@@ -811,7 +849,8 @@ async fn deliver_notice(
         .await
         .map_err(|e| refused(format!("reading the answer: {e}")))?
         .to_bytes();
-    serde_json::from_slice(&bytes).map_err(|e| refused(format!("the answer is not a NoticeReply: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| refused(format!("the answer is not a NoticeReply: {e}")))
 }
 
 /// One stream counted as outstanding on its tunnel until finished or dropped.
@@ -842,6 +881,9 @@ impl Drop for OutstandingStream {
 
 /// The body of a tunneled response: hyper's body, counting as an outstanding stream of
 /// its tunnel until it has ended, failed, or been dropped.
+///
+/// For a CONNECT (WebSocket) the stream counts until the body is dropped, even though it
+/// carries nothing: keep it next to the upgraded connection while that runs.
 pub struct ResponseBody {
     inner: Incoming,
     stream: OutstandingStream,
@@ -856,10 +898,13 @@ impl std::fmt::Debug for ResponseBody {
 }
 
 impl ResponseBody {
-    fn new(inner: Incoming, stream: OutstandingStream) -> Self {
+    /// `upgrade`: the answer to an (extended) CONNECT, whose bytes flow through
+    /// `hyper::upgrade::on` rather than the body: the stream stays counted for as long
+    /// as the body is kept, so the caller keeps it while the upgraded stream runs.
+    fn new(inner: Incoming, stream: OutstandingStream, upgrade: bool) -> Self {
         let mut body = Self { inner, stream };
         // A body that is over before it starts (HEAD, 204, 304) may never be polled.
-        if body.inner.is_end_stream() {
+        if !upgrade && body.inner.is_end_stream() {
             body.stream.finish();
         }
         body
@@ -946,6 +991,7 @@ struct RunningTask(Arc<watch::Sender<usize>>);
 
 impl Drop for RunningTask {
     fn drop(&mut self) {
-        self.0.send_modify(|running| *running = running.saturating_sub(1));
+        self.0
+            .send_modify(|running| *running = running.saturating_sub(1));
     }
 }
