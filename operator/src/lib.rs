@@ -174,6 +174,11 @@ impl RunArgs {
 
     /// The operator configuration these arguments describe.
     pub fn config(&self) -> OperatorConfig {
+        let tunnel_hostnames = if self.tunnel_hostnames.is_empty() {
+            vec![format!("sallyport-proxy.{}.svc", self.namespace)]
+        } else {
+            self.tunnel_hostnames.clone()
+        };
         OperatorConfig {
             operator_namespace: self.namespace.clone(),
             default_tls_secret: self.default_tls_secret.clone(),
@@ -193,14 +198,11 @@ impl RunArgs {
                 image: self.proxy_image.clone(),
                 replicas: self.proxy_replicas,
                 service_type: self.proxy_service_type.clone(),
+                tunnel_hostnames: tunnel_hostnames.clone(),
             },
             pki: pki::PkiSettings {
                 namespace: self.namespace.clone(),
-                tunnel_hostnames: if self.tunnel_hostnames.is_empty() {
-                    vec![format!("sallyport-proxy.{}.svc", self.namespace)]
-                } else {
-                    self.tunnel_hostnames.clone()
-                },
+                tunnel_hostnames,
                 session_key_rotation: pki::build::Rotation {
                     every: self.session_key_rotation,
                     keep: usize::from(self.session_keys_kept),

@@ -39,6 +39,9 @@ pub struct FleetSettings {
     /// The Service type: `LoadBalancer` for a public edge, `NodePort` or `ClusterIP`
     /// behind another load balancer.
     pub service_type: String,
+    /// Host names connectors reach the fleet at: the proxies serve tunnels and the fleet
+    /// API on them (the tunnel serving certificate covers the same names).
+    pub tunnel_hostnames: Vec<String>,
 }
 
 fn selector_labels() -> BTreeMap<String, String> {
@@ -124,6 +127,11 @@ pub fn proxy_deployment(settings: &FleetSettings) -> Deployment {
         env: Some(vec![
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_NAMESPACE", "metadata.namespace"),
+            EnvVar {
+                name: "SALLYPORT_TUNNEL_HOSTNAMES".to_owned(),
+                value: Some(settings.tunnel_hostnames.join(",")),
+                value_from: None,
+            },
         ]),
         ports: Some(vec![
             ContainerPort {
@@ -275,6 +283,10 @@ mod tests {
             image: "example.test/proxy:1".into(),
             replicas: 3,
             service_type: "LoadBalancer".into(),
+            tunnel_hostnames: vec![
+                "tunnel.example.com".into(),
+                "sallyport-proxy.sallyport-system.svc".into(),
+            ],
         }
     }
 
@@ -316,6 +328,16 @@ mod tests {
             .and_then(|s| s.rolling_update)
             .unwrap_or_default();
         assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+        let hostnames = container
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "SALLYPORT_TUNNEL_HOSTNAMES")
+            .and_then(|e| e.value.clone());
+        assert_eq!(
+            hostnames.as_deref(),
+            Some("tunnel.example.com,sallyport-proxy.sallyport-system.svc")
+        );
     }
 
     #[test]
