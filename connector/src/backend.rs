@@ -14,7 +14,10 @@
 //!
 //! Answers the connector makes itself carry [`ERROR_HEADER`], so that the proxy can tell
 //! them from the backend's own, and a one-line plain-text body with the request id.
-//! WebSockets (extended CONNECT) come later; CONNECT is answered 501 for now.
+//!
+//! A `CONNECT` (after the same app and URI checks) is a WebSocket: an extended CONNECT
+//! with `:protocol websocket` (RFC 8441), which [`crate::websocket`] turns into an
+//! HTTP/1.1 upgrade to the backend; any other `CONNECT` is refused (501).
 
 use std::sync::Arc;
 
@@ -29,7 +32,8 @@ use sallyport_tunnel::dial::Handler;
 use sallyport_tunnel::wire::{APP_HEADER, REQUEST_ID_HEADER};
 use tracing::warn;
 
-use crate::slice::{AppBackend, CurrentSlice};
+use crate::slice::CurrentSlice;
+use crate::websocket;
 
 /// Response header on every answer the connector makes itself rather than the backend:
 /// the reason, e.g. `BackendTimeout`. Backends cannot set it (`sallyport-*` response
@@ -46,8 +50,13 @@ pub enum Refusal {
     AppNotServed,
     /// 403: the request URI does not lie under the app's internal URL.
     OutsideInternalUrl,
-    /// 501: WebSocket passthrough (extended CONNECT) is not implemented yet.
-    WebSocketsNotImplemented,
+    /// 403: a WebSocket for an app whose `backend.websockets` is off.
+    WebSocketsDisabled,
+    /// 501: a `CONNECT` that is not an extended CONNECT with `:protocol websocket`.
+    UnsupportedConnect,
+    /// 502: the backend answered a WebSocket upgrade without switching protocols (a 2xx,
+    /// or a 101 to something else than `websocket`).
+    UpgradeRefused,
     /// 502: the backend could not be reached or broke off before its response headers.
     BackendUnreachable,
     /// 504: the backend sent no response headers within `backend.timeout`.
@@ -58,9 +67,11 @@ impl Refusal {
     /// The status code answered.
     pub fn status(self) -> StatusCode {
         match self {
-            Self::AppNotServed | Self::OutsideInternalUrl => StatusCode::FORBIDDEN,
-            Self::WebSocketsNotImplemented => StatusCode::NOT_IMPLEMENTED,
-            Self::BackendUnreachable => StatusCode::BAD_GATEWAY,
+            Self::AppNotServed | Self::OutsideInternalUrl | Self::WebSocketsDisabled => {
+                StatusCode::FORBIDDEN
+            }
+            Self::UnsupportedConnect => StatusCode::NOT_IMPLEMENTED,
+            Self::BackendUnreachable | Self::UpgradeRefused => StatusCode::BAD_GATEWAY,
             Self::BackendTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -70,7 +81,9 @@ impl Refusal {
         match self {
             Self::AppNotServed => "AppNotServed",
             Self::OutsideInternalUrl => "OutsideInternalUrl",
-            Self::WebSocketsNotImplemented => "WebSocketsNotImplemented",
+            Self::WebSocketsDisabled => "WebSocketsDisabled",
+            Self::UnsupportedConnect => "UnsupportedConnect",
+            Self::UpgradeRefused => "UpgradeRefused",
             Self::BackendUnreachable => "BackendUnreachable",
             Self::BackendTimeout => "BackendTimeout",
         }
@@ -81,7 +94,11 @@ impl Refusal {
         match self {
             Self::AppNotServed => "app not served by this connector group",
             Self::OutsideInternalUrl => "request URI outside the app's internal URL",
-            Self::WebSocketsNotImplemented => "WebSocket passthrough is not implemented yet",
+            Self::WebSocketsDisabled => "WebSockets are not enabled for this app",
+            Self::UnsupportedConnect => {
+                "only WebSocket extended CONNECT (:protocol websocket) is served"
+            }
+            Self::UpgradeRefused => "the app's backend did not switch to the WebSocket protocol",
             Self::BackendUnreachable => "the app's backend could not be reached",
             Self::BackendTimeout => "the app's backend did not answer in time",
         }
@@ -148,7 +165,7 @@ impl Backends {
             );
         }
         if request.method() == Method::CONNECT {
-            return self.websocket(&app, request, request_id.as_ref());
+            return websocket::serve(&app, request, request_id.as_ref()).await;
         }
 
         let headers = request.headers_mut();
@@ -179,27 +196,11 @@ impl Backends {
             ),
         }
     }
-
-    /// WebSockets over extended CONNECT (RFC 8441) to an HTTP/1.1 Upgrade at the backend:
-    /// not implemented yet, answered 501.
-    fn websocket(
-        &self,
-        app: &AppBackend,
-        _request: Request<Incoming>,
-        request_id: Option<&HeaderValue>,
-    ) -> Response<TunnelBody> {
-        refuse(
-            Refusal::WebSocketsNotImplemented,
-            app.app(),
-            request_id,
-            &"CONNECT is not served yet",
-        )
-    }
 }
 
 /// Logs `refusal` and answers it: status, [`ERROR_HEADER`] and a one-line body naming the
 /// request id.
-fn refuse(
+pub(crate) fn refuse(
     refusal: Refusal,
     app: &str,
     request_id: Option<&HeaderValue>,
@@ -236,7 +237,7 @@ fn refuse(
 }
 
 /// An error and its sources, `: `-separated.
-struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+pub(crate) struct ErrorChain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -251,7 +252,7 @@ impl std::fmt::Display for ErrorChain<'_> {
 }
 
 /// Removes every `sallyport-*` header. Allocates nothing when there is none.
-fn remove_sallyport_headers(headers: &mut HeaderMap) {
+pub(crate) fn remove_sallyport_headers(headers: &mut HeaderMap) {
     while let Some(name) = headers
         .keys()
         .find(|name| name.as_str().starts_with(SALLYPORT_PREFIX))
@@ -270,7 +271,7 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 /// `Proxy-Authorization`, `Trailer`, `Transfer-Encoding` and `Upgrade`; and `TE` unless it
 /// is exactly `trailers` (which gRPC over HTTP/2 needs). Allocates only when a
 /// `Connection` header names other headers.
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)

@@ -7,6 +7,7 @@ pub mod register;
 pub mod run;
 pub mod slice;
 pub mod state;
+pub mod websocket;
 
 use std::io::Write;
 
@@ -18,7 +19,7 @@ use clap::{Parser, Subcommand};
     name = "sallyport-connector",
     version,
     about = "The Sallyport connector: runs inside a private network and carries requests from the proxy fleet to internal apps over outbound-only mutual TLS.",
-    long_about = "The Sallyport connector: runs inside a private network and carries requests from the proxy fleet to internal apps over outbound-only mutual TLS.\n\nIt registers once with a bootstrap token (its key pair is made locally; only a CSR leaves the machine), keeps several outbound tunnels open to every proxy replica, pulls its configuration, serves proxied requests to internal apps, renews its certificate before it ages out, and drains cleanly on shutdown.\n\nExample (outside Kubernetes):\n  sallyport-connector run --fleet-address tunnel.example.com:443 --fleet-ca-file ca.crt \\\n    --group infra/datacenter-east --token \"$TOKEN\" --state-dir /var/lib/sallyport"
+    long_about = "The Sallyport connector: runs inside a private network and carries requests from the proxy fleet to internal apps over outbound-only mutual TLS.\n\nIt registers once with a bootstrap token (its key pair is made locally; only a CSR leaves the machine), keeps several outbound tunnels open to every proxy replica, pulls its configuration, serves proxied requests to internal apps, renews its certificate before it ages out, and drains cleanly on shutdown.\n\nExample (outside Kubernetes):\n  sallyport-connector run --fleet-address tunnel.example.com:443 --fleet-ca-file ca.crt \\\n    --group infra/datacenter-east --state-dir /var/lib/sallyport\n  (with the bootstrap token in the environment: SALLYPORT_REGISTRATION_TOKEN=...)"
 )]
 pub struct Cli {
     /// What to do; without a command, print the version.

@@ -10,6 +10,8 @@
 //! client per distinct TLS setting (trust, `serverName`, `insecureSkipVerify`), offering
 //! HTTP/2 and HTTP/1.1 by ALPN. A client whose setting is unchanged is carried over to
 //! the next slice version, so its connection pool survives a configuration change.
+//! WebSocket upgrades leave the pool: they open a connection of their own, with the same
+//! TLS settings but HTTP/1.1 only ([`AppBackend::http1_tls`]).
 //!
 //! **Trust.** An `https` backend is verified against the system trust store (read once,
 //! with `rustls-native-certs`, which honours `SSL_CERT_FILE` and `SSL_CERT_DIR`) plus the
@@ -187,6 +189,22 @@ impl AppBackend {
         &self.client.client
     }
 
+    /// The internal URL's host as written (IPv6 literals in brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The internal URL's port, explicit or the scheme's default.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The TLS settings for a connection of its own to an `https` backend that speaks
+    /// HTTP/1.1 (WebSocket upgrades leave the client's pool); `None` for plain `http`.
+    pub fn http1_tls(&self) -> Option<&Http1Tls> {
+        self.client.http1_tls.as_deref()
+    }
+
     /// The id of the client (equal ids share one connection pool; ids are never reused
     /// within a [`CurrentSlice`]).
     pub fn client_id(&self) -> u64 {
@@ -291,6 +309,20 @@ fn hex(digit: u8) -> u8 {
 struct Tagged {
     id: u64,
     client: BackendClient,
+    /// The client's TLS settings for connections of their own (`None` for plain `http`).
+    http1_tls: Option<Arc<Http1Tls>>,
+}
+
+/// The TLS settings of an app's backend client for a connection opened apart from the
+/// client's pool that must speak HTTP/1.1 (a WebSocket upgrade): the same trust and
+/// verification, ALPN `http/1.1` only.
+#[derive(Clone, Debug)]
+pub struct Http1Tls {
+    /// The rustls settings: the client's, offering only `http/1.1` by ALPN.
+    pub config: Arc<ClientConfig>,
+    /// `backend.tls.serverName`, when set: the name sent (SNI) and verified instead of
+    /// the internal URL's host.
+    pub server_name: Option<ServerName<'static>>,
 }
 
 /// What distinguishes one backend TLS client from another.
@@ -377,6 +409,7 @@ impl CurrentSlice {
         let plain = Tagged {
             id: 0,
             client: BackendClient(ClientKind::Plain(client_builder().build(http))),
+            http1_tls: None,
         };
         Self {
             shared: Arc::new(Shared {
@@ -612,6 +645,12 @@ impl CurrentSlice {
                 .with_root_certificates(self.roots())
                 .with_no_client_auth()
         };
+        let mut http1_config = config.clone();
+        http1_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut http1_tls = Http1Tls {
+            config: Arc::new(http1_config),
+            server_name: None,
+        };
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -630,6 +669,7 @@ impl CurrentSlice {
                         app: app.to_owned(),
                         name: name.clone(),
                     })?;
+                http1_tls.server_name = Some(server_name.clone());
                 connector.with_server_name_resolver(FixedServerNameResolver::new(server_name))
             }
             None => connector,
@@ -641,6 +681,7 @@ impl CurrentSlice {
                 .next_client_id
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             client: BackendClient(ClientKind::Tls(client_builder().build(connector))),
+            http1_tls: Some(Arc::new(http1_tls)),
         })
     }
 }

@@ -862,8 +862,20 @@ async fn https_backends_unknown_to_the_trust_store_need_insecure_skip_verify() -
     Ok(())
 }
 
+/// A WebSocket extended CONNECT (`:protocol websocket`) for `uri`.
+fn websocket_connect(uri: &str, app: &str) -> Request<TunnelBody> {
+    let mut request = tunneled(Method::CONNECT, uri, app, empty());
+    request
+        .headers_mut()
+        .insert("sec-websocket-version", HeaderValue::from_static("13"));
+    request
+        .extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    request
+}
+
 #[tokio::test]
-async fn connect_is_not_served_yet() -> TestResult {
+async fn websockets_are_refused_for_apps_without_them() -> TestResult {
     let backend = TestBackend::plain("ws").await?;
     let current = CurrentSlice::new();
     serving(&current, "v1", vec![app("team-a/ws", &backend.url("/"))])?;
@@ -872,18 +884,57 @@ async fn connect_is_not_served_yet() -> TestResult {
     let response = proxy.send(get(&backend.url("/"), "team-a/ws")).await?;
     assert_eq!(response.status(), StatusCode::OK);
 
-    let mut request = tunneled(
-        Method::CONNECT,
-        &backend.url("/socket"),
-        "team-a/ws",
-        empty(),
-    );
-    request
-        .extensions_mut()
-        .insert(hyper::ext::Protocol::from_static("websocket"));
-    let response = proxy.send(request).await?;
-    assert_eq!(response.status(), StatusCode::NOT_IMPLEMENTED);
-    assert_eq!(error_reason(&response), Some("WebSocketsNotImplemented"));
+    let response = proxy
+        .send(websocket_connect(&backend.url("/socket"), "team-a/ws"))
+        .await?;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(error_reason(&response), Some("WebSocketsDisabled"));
     assert_eq!(backend.requests().len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_backend_that_does_not_switch_protocols_is_a_bad_gateway() -> TestResult {
+    let backend = TestBackend::plain("ws").await?;
+    let current = CurrentSlice::new();
+    let mut ws = app("team-a/ws", &backend.url("/"));
+    ws.backend.websockets = true;
+    let mut gone = app("team-a/gone", "http://127.0.0.1:1/");
+    gone.backend.websockets = true;
+    serving(&current, "v1", vec![ws, gone])?;
+    let mut proxy = Proxy::connect(start_connector(&current, false).await?).await?;
+    let response = proxy.send(get(&backend.url("/"), "team-a/ws")).await?;
+    assert_eq!(response.status(), StatusCode::OK);
+
+    // The test backend answers the upgrade with a plain 200: no WebSocket server.
+    let response = proxy
+        .send(websocket_connect(&backend.url("/socket?x=1"), "team-a/ws"))
+        .await?;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(error_reason(&response), Some("UpgradeRefused"));
+    let seen = backend.requests();
+    let upgrade = seen
+        .last()
+        .unwrap_or_else(|| panic!("the backend saw the upgrade"));
+    assert_eq!(upgrade.method, Method::GET);
+    assert_eq!(upgrade.target, "/socket?x=1");
+    assert_eq!(upgrade.version, Version::HTTP_11);
+    let header = |name: &str| upgrade.headers.get(name).and_then(|v| v.to_str().ok());
+    assert_eq!(header("upgrade"), Some("websocket"));
+    assert_eq!(header("connection"), Some("Upgrade"));
+    assert_eq!(header("sec-websocket-version"), Some("13"));
+    assert!(header("sec-websocket-key").is_some_and(|key| key.len() == 24));
+    assert_eq!(header("host"), Some(backend.addr.to_string().as_str()));
+    assert_eq!(header(REQUEST_ID_HEADER), Some("req-42"));
+    assert_eq!(header(APP_HEADER), None);
+
+    let response = proxy
+        .send(websocket_connect(
+            "http://127.0.0.1:1/socket",
+            "team-a/gone",
+        ))
+        .await?;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(error_reason(&response), Some("BackendUnreachable"));
     Ok(())
 }

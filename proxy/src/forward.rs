@@ -545,6 +545,58 @@ fn rewrite_values(
     }
 }
 
+/// The rules [`translate_response`] applies to `Location` and `Refresh`, owned so that a
+/// streaming body can keep them (response body translation uses them for links).
+///
+/// A URL is translated when it is absolute (`http`/`https`) or scheme-relative and points
+/// into the route's internal URL: same host, same port (or both on their scheme's default
+/// port) and a path under the internal path prefix. It then moves onto the external URL
+/// (path-absolute for a wildcard host). Anything else, relative URLs included, is left
+/// alone.
+#[derive(Debug, Clone)]
+pub struct LinkTranslation {
+    host: String,
+    url: String,
+    path_prefix: String,
+    internal_url: String,
+}
+
+impl LinkTranslation {
+    /// The translation of `route`'s URLs; `None` when its internal or external URL
+    /// cannot be parsed (such a route's URLs are never translated).
+    pub fn new(route: &Route) -> Option<Self> {
+        UrlMap::new(route)?;
+        Some(Self {
+            host: route.host.clone(),
+            url: route.url.clone(),
+            path_prefix: route.path_prefix.clone(),
+            internal_url: route.internal_url.clone(),
+        })
+    }
+
+    /// `url` on the external URL when it points into the internal URL; `None` to leave
+    /// it as it is.
+    pub fn rewrite_url(&self, url: &str) -> Option<String> {
+        // Only absolute and scheme-relative URLs can be internal: skip the map for the
+        // relative links most pages are made of.
+        if !url.starts_with("//") && !url.contains("://") {
+            return None;
+        }
+        self.map()?.rewrite_url(url)
+    }
+
+    /// A `Refresh` value (`5; url=http://...`, also the `content` of an HTML
+    /// `<meta http-equiv="refresh">`) with its URL translated; `None` when it does not
+    /// change.
+    pub fn rewrite_refresh(&self, value: &str) -> Option<String> {
+        self.map()?.rewrite_refresh(value)
+    }
+
+    fn map(&self) -> Option<UrlMap<'_>> {
+        UrlMap::from_parts(&self.host, &self.url, &self.path_prefix, &self.internal_url)
+    }
+}
+
 /// A route's internal URL, split without allocation.
 #[derive(Debug, Clone, Copy)]
 struct InternalUrl<'a> {
@@ -639,18 +691,34 @@ struct UrlMap<'a> {
 
 impl<'a> UrlMap<'a> {
     fn new(route: &'a Route) -> Option<Self> {
-        let internal = InternalUrl::parse(&route.internal_url)?;
-        let wildcard = route.host.strip_prefix("*.");
+        Self::from_parts(
+            &route.host,
+            &route.url,
+            &route.path_prefix,
+            &route.internal_url,
+        )
+    }
+
+    /// The map of a route with these external host, external URL, path prefix and
+    /// internal URL; `None` when either URL cannot be parsed.
+    fn from_parts(
+        host: &'a str,
+        url: &'a str,
+        path_prefix: &'a str,
+        internal_url: &'a str,
+    ) -> Option<Self> {
+        let internal = InternalUrl::parse(internal_url)?;
+        let wildcard = host.strip_prefix("*.");
         let external_origin = match wildcard {
             Some(_) => None,
-            None => Some(origin_of(&route.url)?),
+            None => Some(origin_of(url)?),
         };
         Some(Self {
             internal,
             internal_stem: stem(internal.path),
             external_origin,
-            external_stem: stem(&route.path_prefix),
-            external_domain: wildcard.unwrap_or(&route.host),
+            external_stem: stem(path_prefix),
+            external_domain: wildcard.unwrap_or(host),
         })
     }
 

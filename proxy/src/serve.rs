@@ -349,7 +349,7 @@ impl Proxy {
             request.extensions_mut().insert(ClientAddress(peer));
             async move { Ok::<_, std::convert::Infallible>(api.handle(request, identity).await) }
         });
-        serve_http(tls, service, shutdown).await;
+        serve_http(tls, service, false, shutdown).await;
     }
 
     async fn serve_users(
@@ -367,7 +367,8 @@ impl Proxy {
             let proxy = proxy.clone();
             async move { Ok::<_, std::convert::Infallible>(proxy.user_request(request, client).await) }
         });
-        serve_http(tls, service, shutdown).await;
+        // Users' HTTP/2 connections carry WebSockets as extended CONNECT (RFC 8441).
+        serve_http(tls, service, true, shutdown).await;
     }
 
     /// Answers one user request.
@@ -399,7 +400,7 @@ impl Proxy {
         if route.pre_authentication.kind != PreAuthenticationType::Passthrough {
             return sign_in_unavailable(accept, route, &request_id);
         }
-        if forward::is_websocket_upgrade(request.headers()) {
+        if websocket::is_websocket_request(&request) {
             return websocket::tunnel_upgrade(&self.pool, route, request, &client, &request_id)
                 .await;
         }
@@ -492,6 +493,7 @@ fn split_host_port(authority: &str) -> (&str, u16) {
 async fn serve_http<S>(
     tls: tokio_rustls::server::TlsStream<TcpStream>,
     service: S,
+    connect_protocol: bool,
     shutdown: CancellationToken,
 ) where
     S: hyper::service::Service<
@@ -513,6 +515,9 @@ async fn serve_http<S>(
         .timer(TokioTimer::new())
         .max_concurrent_streams(250)
         .max_pending_accept_reset_streams(256);
+    if connect_protocol {
+        builder.http2().enable_connect_protocol();
+    }
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
     tokio::pin!(connection);
     tokio::select! {

@@ -7,6 +7,8 @@
 //!   balancing, revocation.
 //! - [`dial`]: the connector's side: dialling, serving HTTP/2 on the connections it made,
 //!   reconnecting with backoff, draining.
+//! - [`splice`]: copying between two byte streams both ways, as both ends of a tunneled
+//!   WebSocket do.
 //! - [`wire`]: the ALPN protocol, header names, control paths and JSON messages of the
 //!   reverse HTTP/2 tunnel and of the fleet API (registration, renewal, configuration).
 //!
@@ -19,6 +21,7 @@ pub mod body;
 pub mod dial;
 pub mod identity;
 pub mod pool;
+pub mod splice;
 pub mod tls;
 pub mod wire;
 
