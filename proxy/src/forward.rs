@@ -192,9 +192,9 @@ pub fn to_tunnel_request<B>(
     parts.uri = target;
     parts.version = Version::HTTP_2;
     let headers = &mut parts.headers;
-    // TODO(websocket): a later step turns `Upgrade: websocket` requests into extended
-    // CONNECT streams before they get here; until then the upgrade is dropped with the
-    // other hop-by-hop headers and the backend sees a plain request.
+    // WebSocket upgrades are carried as extended CONNECT streams (see websocket.rs),
+    // which set the method and protocol themselves: Upgrade goes with the other
+    // hop-by-hop headers.
     remove_hop_by_hop(headers, Keep::TeTrailers);
     remove_reserved(headers);
     if !client.via_trusted_proxy {
@@ -505,9 +505,8 @@ fn remove_reserved(headers: &mut HeaderMap) {
 /// documentation. Rewrites allocate only for headers that actually change.
 pub fn translate_response<B>(route: &Route, mut response: Response<B>) -> Response<B> {
     let headers = response.headers_mut();
-    // TODO(websocket): a 101 answer to an upgrade keeps Upgrade and Connection; it
-    // arrives as a 200 to the extended CONNECT and is turned back into 101 by the step
-    // that carries WebSockets.
+    // A WebSocket's 101 is made by websocket.rs from the tunnel's 200 to the extended
+    // CONNECT; here every hop-by-hop header goes.
     remove_hop_by_hop(headers, Keep::Nothing);
     let translation = &route.translation;
     if !translation.headers && !translation.cookies {

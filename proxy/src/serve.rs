@@ -404,7 +404,10 @@ impl Proxy {
             return websocket::tunnel_upgrade(&self.pool, route, request, &client, &request_id)
                 .await;
         }
-        let request = request.map(body::incoming);
+        let mut request = request.map(body::incoming);
+        if route.translation.body {
+            prepare_for_body_translation(request.headers_mut());
+        }
         let tunneled = match forward::to_tunnel_request(route, request, &client, &request_id) {
             Ok(tunneled) => tunneled,
             Err(error) => {
@@ -468,6 +471,20 @@ fn sign_in_unavailable(
         "This application requires sign-in, which this proxy cannot offer yet. Nothing was sent to the application.",
         request_id,
     )
+}
+
+/// For apps whose bodies are translated: no range requests (a partial body cannot be
+/// translated and would not match the translated whole), and only codings the
+/// translation decodes (gzip, deflate, br).
+fn prepare_for_body_translation(headers: &mut http::HeaderMap) {
+    headers.remove(http::header::RANGE);
+    headers.remove(http::header::IF_RANGE);
+    if headers.contains_key(http::header::ACCEPT_ENCODING) {
+        headers.insert(
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("gzip, deflate, br"),
+        );
+    }
 }
 
 /// `host[:port]` split; the port defaults to 443, as users reach apps over HTTPS.
@@ -536,6 +553,35 @@ async fn serve_http<S>(
 #[cfg(test)]
 mod tests {
     use super::split_host_port;
+
+    #[test]
+    fn body_translated_requests_ask_for_whole_decodable_bodies() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            http::header::RANGE,
+            http::HeaderValue::from_static("bytes=0-9"),
+        );
+        headers.insert(
+            http::header::IF_RANGE,
+            http::HeaderValue::from_static("\"x\""),
+        );
+        headers.insert(
+            http::header::ACCEPT_ENCODING,
+            http::HeaderValue::from_static("zstd, gzip"),
+        );
+        super::prepare_for_body_translation(&mut headers);
+        assert!(!headers.contains_key(http::header::RANGE));
+        assert!(!headers.contains_key(http::header::IF_RANGE));
+        assert_eq!(
+            headers
+                .get(http::header::ACCEPT_ENCODING)
+                .and_then(|v| v.to_str().ok()),
+            Some("gzip, deflate, br")
+        );
+        let mut none = http::HeaderMap::new();
+        super::prepare_for_body_translation(&mut none);
+        assert!(none.is_empty());
+    }
 
     #[test]
     fn hosts_and_ports_are_split_with_https_as_the_default() {
