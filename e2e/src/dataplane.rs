@@ -2,13 +2,20 @@
 //! HTTPS client that speaks to the proxy as a browser would (SNI, the app's CA), the
 //! fleet's PKI Secrets written out as the pods would mount them, and the proxy and
 //! connector processes.
+//!
+//! On top of those: [`Fleet`], the common start of a data-plane test (operator, PKI,
+//! proxy replicas; groups, apps and connectors on demand); [`HttpsConnection`] for
+//! HTTP/1.1 or HTTP/2 clients with streaming bodies; [`pattern`] bodies made and checked
+//! on the fly ([`PatternBody`], [`PatternCheck`]); [`TrafficBackend`], which tells which
+//! connector process sent each request; [`run_load`]; [`MemoryWatch`] for the processes'
+//! RSS; and a real [`Nginx`].
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,13 +24,18 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::Api;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::process::{OwnedProcess, ProcessError};
+use sallyport_api::fleet_config::{FleetConfig, STORAGE_KEY};
+
+use crate::controlplane::Mode;
+use crate::identity::proxy_kubeconfig;
+use crate::process::{OwnedProcess, ProcessError, start_operator};
+use crate::testbed::Testbed;
 
 /// A test step failed; the message says which and why.
 pub type StepError = Box<dyn std::error::Error + Send + Sync>;
@@ -246,6 +258,27 @@ pub fn start_proxy(
         listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
         probes: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
     };
+    let process = start_proxy_on(
+        kubeconfig,
+        namespace,
+        replica,
+        pki_dir,
+        tunnel_hostname,
+        ports,
+    )?;
+    Ok((process, ports))
+}
+
+/// Like [`start_proxy`], on the given `ports`: a replica restarted where its
+/// predecessor listened, as a pod behind a stable Service address.
+pub fn start_proxy_on(
+    kubeconfig: &Path,
+    namespace: &str,
+    replica: &str,
+    pki_dir: &Path,
+    tunnel_hostname: &str,
+    ports: ProxyPorts,
+) -> Result<OwnedProcess, StepError> {
     let listen = ports.listen.to_string();
     let probes = ports.probes.to_string();
     let tunnel_tls = pki_dir.join("tunnel-tls").display().to_string();
@@ -276,7 +309,7 @@ pub fn start_proxy(
             ("RUST_LOG", "info,kube=warn"),
         ],
     )?;
-    Ok((process, ports))
+    Ok(process)
 }
 
 /// Starts `sallyport-connector run` for `group` (`namespace/name`) against the fleet
@@ -289,33 +322,1226 @@ pub fn start_connector(
     token: &str,
     state_dir: &Path,
 ) -> Result<OwnedProcess, ProcessError> {
-    let addresses = fleet_addresses
-        .iter()
-        .map(SocketAddr::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    let ca = fleet_ca.display().to_string();
-    let state = state_dir.display().to_string();
-    OwnedProcess::start(
-        "sallyport-connector",
-        &[
+    ConnectorLaunch {
+        fleet_addresses: fleet_addresses.to_vec(),
+        tunnel_hostname,
+        fleet_ca,
+        group,
+        token,
+        state_dir,
+        drain_timeout: "10s",
+        capture_output: false,
+    }
+    .start()
+}
+
+/// How to start one `sallyport-connector run`: [`start_connector`] with every knob.
+#[derive(Debug, Clone)]
+pub struct ConnectorLaunch<'a> {
+    /// The fleet addresses it dials, in turn.
+    pub fleet_addresses: Vec<SocketAddr>,
+    /// The fleet's tunnel host name (SNI).
+    pub tunnel_hostname: &'a str,
+    /// The fleet's root CA, a PEM file.
+    pub fleet_ca: &'a Path,
+    /// The group, `namespace/name`.
+    pub group: &'a str,
+    /// The registration token.
+    pub token: &'a str,
+    /// Its state directory.
+    pub state_dir: &'a Path,
+    /// `--drain-timeout`, e.g. `10s`.
+    pub drain_timeout: &'a str,
+    /// Whether to keep its output for [`OwnedProcess::output`].
+    pub capture_output: bool,
+}
+
+impl ConnectorLaunch<'_> {
+    /// Starts the connector.
+    pub fn start(&self) -> Result<OwnedProcess, ProcessError> {
+        let addresses = self
+            .fleet_addresses
+            .iter()
+            .map(SocketAddr::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let ca = self.fleet_ca.display().to_string();
+        let state = self.state_dir.display().to_string();
+        let args = [
             "run",
             "--fleet-address",
             &addresses,
             "--fleet-server-name",
-            tunnel_hostname,
+            self.tunnel_hostname,
             "--fleet-ca-file",
             &ca,
             "--group",
-            group,
+            self.group,
             "--state-dir",
             &state,
             "--drain-timeout",
-            "10s",
-        ],
-        &[
-            ("SALLYPORT_REGISTRATION_TOKEN", token),
+            self.drain_timeout,
+        ];
+        let envs = [
+            ("SALLYPORT_REGISTRATION_TOKEN", self.token),
             ("RUST_LOG", "info"),
-        ],
+        ];
+        if self.capture_output {
+            OwnedProcess::start_capturing("sallyport-connector", &args, &envs)
+        } else {
+            OwnedProcess::start("sallyport-connector", &args, &envs)
+        }
+    }
+}
+
+/// Polls `step` until it yields a value, for at most `within`; an error of `step` is kept
+/// for the message and polling goes on.
+pub async fn eventually<T>(
+    what: &str,
+    within: Duration,
+    mut step: impl AsyncFnMut() -> Result<Option<T>, StepError>,
+) -> Result<T, StepError> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut last_error = None;
+    loop {
+        match step().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(error) => last_error = Some(error.to_string()),
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "{what} did not happen within {within:?} (last error: {last_error:?})"
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The tunnel host name (connectors' SNI) of every [`Fleet`].
+pub const FLEET_TUNNEL_HOST: &str = "tunnel.dataplane.test";
+
+/// The ConfigMap of the compiled fleet configuration, in the operator's namespace.
+const FLEET_CONFIG_MAP: &str = "sallyport-fleet-config";
+
+/// How long a [`Fleet`] may take to react to a change (generous for a busy 2-core
+/// machine).
+pub const REACTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One proxy replica of a [`Fleet`].
+pub struct FleetProxy {
+    /// Its replica name (`POD_NAME`).
+    pub name: String,
+    /// The process.
+    pub process: OwnedProcess,
+    /// Its ports.
+    pub ports: ProxyPorts,
+}
+
+/// The data plane's common start: a [`Testbed`], the operator (tunnel host name
+/// [`FLEET_TUNNEL_HOST`]), the fleet's PKI written out as the proxy pods mount it, and
+/// proxy replicas running as the proxy's ServiceAccount, listening. Groups, apps and
+/// connectors are added by the test.
+pub struct Fleet {
+    /// The control plane and the test's namespaces.
+    pub bed: Testbed,
+    /// The operator.
+    pub operator: OwnedProcess,
+    /// The fleet's PKI: `tunnel-tls/` and `connector-issuer/`.
+    pub pki: tempfile::TempDir,
+    /// A kubeconfig authenticating as the proxy's ServiceAccount.
+    pub proxy_kubeconfig: PathBuf,
+    /// The proxy replicas, in the order they were named.
+    pub proxies: Vec<FleetProxy>,
+}
+
+/// What a connector needs to join a group: made by [`Fleet::create_group`].
+pub struct GroupAccess {
+    /// The group's name.
+    pub name: String,
+    /// The group's id, `namespace/name`.
+    pub id: String,
+    /// Its current registration token.
+    pub token: String,
+    /// The fleet's root CA (from the token Secret), as a PEM file.
+    pub fleet_ca: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Fleet {
+    /// Starts a fleet whose test namespace is named after `prefix`, with one proxy
+    /// replica per name in `replicas`; `supervisor` is the `sallyport-cluster` executable
+    /// (`env!("CARGO_BIN_EXE_sallyport-cluster")` in a test).
+    pub async fn start(
+        supervisor: &Path,
+        prefix: &str,
+        replicas: &[&str],
+    ) -> Result<Self, StepError> {
+        let bed = Testbed::new(supervisor, Mode::ApiServer, prefix)
+            .await
+            .map_err(|e| e.to_string())?;
+        let operator = start_operator(
+            &bed.operator_kubeconfig,
+            &bed.operator_namespace,
+            &["--tunnel-hostname", FLEET_TUNNEL_HOST],
+        )?;
+        let pki = tempfile::tempdir()?;
+        for (secret, dir) in [
+            ("sallyport-tunnel-tls", "tunnel-tls"),
+            ("sallyport-connector-issuer", "connector-issuer"),
+        ] {
+            eventually(&format!("Secret {secret}"), REACTION_TIMEOUT, async || {
+                let files = write_secret_dir(
+                    &bed.client,
+                    &bed.operator_namespace,
+                    secret,
+                    &pki.path().join(dir),
+                )
+                .await?;
+                Ok(files.contains_key("tls.key").then_some(()))
+            })
+            .await?;
+        }
+        let proxy_kubeconfig = proxy_kubeconfig(bed.control_plane, &bed.operator_namespace).await?;
+        let mut proxies = Vec::new();
+        for name in replicas {
+            let (process, ports) = start_proxy(
+                &proxy_kubeconfig,
+                &bed.operator_namespace,
+                name,
+                pki.path(),
+                FLEET_TUNNEL_HOST,
+            )?;
+            proxies.push(FleetProxy {
+                name: (*name).to_owned(),
+                process,
+                ports,
+            });
+        }
+        for proxy in &proxies {
+            wait_for_port(proxy.ports.listen, REACTION_TIMEOUT).await?;
+        }
+        Ok(Self {
+            bed,
+            operator,
+            pki,
+            proxy_kubeconfig,
+            proxies,
+        })
+    }
+
+    /// The replicas' listen addresses: what connectors dial and users reach.
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.proxies.iter().map(|p| p.ports.listen).collect()
+    }
+
+    /// Starts replica `name` of this fleet on `ports` (e.g. where a stopped one listened).
+    pub fn start_replica(&self, name: &str, ports: ProxyPorts) -> Result<OwnedProcess, StepError> {
+        start_proxy_on(
+            &self.proxy_kubeconfig,
+            &self.bed.operator_namespace,
+            name,
+            self.pki.path(),
+            FLEET_TUNNEL_HOST,
+            ports,
+        )
+    }
+
+    /// Creates ConnectorGroup `name` with `spec` in the test namespace and waits for its
+    /// registration token Secret (with the fleet's CA) and for the group in the compiled
+    /// fleet configuration.
+    pub async fn create_group(
+        &self,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> Result<GroupAccess, StepError> {
+        crate::manifests::create(
+            self.bed.client.clone(),
+            &self.bed.namespace,
+            &serde_json::json!({
+                "apiVersion": "sallyport.dev/v1alpha1", "kind": "ConnectorGroup",
+                "metadata": {"name": name}, "spec": spec
+            }),
+        )
+        .await?;
+        let secret_name = format!("{name}-registration");
+        let secrets = Api::<Secret>::namespaced(self.bed.client.clone(), &self.bed.namespace);
+        let data = eventually(
+            &format!("the registration token of group {name}"),
+            REACTION_TIMEOUT,
+            async || {
+                let secret = secrets.get_opt(&secret_name).await?;
+                Ok(secret
+                    .and_then(|s| s.data)
+                    .filter(|d| d.contains_key("ca.crt") && d.contains_key("token")))
+            },
+        )
+        .await?;
+        // The operator writes the token Secret and compiles the fleet configuration
+        // independently; a connector registering before the proxies know the group is
+        // refused (as with an unknown group), so wait for the group in the compiled
+        // configuration the proxies watch.
+        let id = format!("{}/{name}", self.bed.namespace);
+        let config_maps =
+            Api::<ConfigMap>::namespaced(self.bed.client.clone(), &self.bed.operator_namespace);
+        eventually(
+            &format!("group {id} in the fleet configuration"),
+            REACTION_TIMEOUT,
+            async || {
+                let Some(config_map) = config_maps.get_opt(FLEET_CONFIG_MAP).await? else {
+                    return Ok(None);
+                };
+                let Some(bytes) = config_map
+                    .binary_data
+                    .as_ref()
+                    .and_then(|data| data.get(STORAGE_KEY))
+                else {
+                    return Ok(None);
+                };
+                let config = FleetConfig::from_gzip_json(&bytes.0)?;
+                Ok(config
+                    .connector_groups
+                    .iter()
+                    .any(|group| group.id == id)
+                    .then_some(()))
+            },
+        )
+        .await?;
+        let field = |key: &str| data.get(key).map(|v| v.0.clone()).unwrap_or_default();
+        let dir = tempfile::tempdir()?;
+        let fleet_ca = dir.path().join("fleet-ca.crt");
+        std::fs::write(&fleet_ca, field("ca.crt"))?;
+        Ok(GroupAccess {
+            name: name.to_owned(),
+            id,
+            token: String::from_utf8(field("token"))?,
+            fleet_ca,
+            _dir: dir,
+        })
+    }
+
+    /// Publishes a passthrough app `name` at `https://{host}/` served from `internal_url`
+    /// through `group`, with a fresh self-signed certificate (Secret `{name}-tls`); returns
+    /// that certificate, the CA a user trusts.
+    pub async fn publish_app(
+        &self,
+        name: &str,
+        host: &str,
+        internal_url: &str,
+        group: &str,
+    ) -> Result<Vec<u8>, StepError> {
+        let tls = crate::manifests::self_signed_tls_secret(&format!("{name}-tls"), host)?;
+        let app_ca = tls
+            .data
+            .as_ref()
+            .and_then(|d| d.get("tls.crt"))
+            .map(|v| v.0.clone())
+            .ok_or("the TLS Secret has no tls.crt")?;
+        Api::<Secret>::namespaced(self.bed.client.clone(), &self.bed.namespace)
+            .create(&kube::api::PostParams::default(), &tls)
+            .await?;
+        crate::manifests::create(
+            self.bed.client.clone(),
+            &self.bed.namespace,
+            &serde_json::json!({
+                "apiVersion": "sallyport.dev/v1alpha1", "kind": "PublishedApp",
+                "metadata": {"name": name},
+                "spec": {
+                    "externalUrl": format!("https://{host}/"),
+                    "internalUrl": internal_url,
+                    "preAuthentication": {"type": "Passthrough"},
+                    "connectorGroup": {"name": group},
+                    "tls": {"secretName": format!("{name}-tls")}
+                }
+            }),
+        )
+        .await?;
+        Ok(app_ca)
+    }
+
+    /// How to start a connector of `group` dialling every replica, with its state in
+    /// `state_dir`; adjust the fields, then [`ConnectorLaunch::start`].
+    pub fn connector<'a>(
+        &'a self,
+        group: &'a GroupAccess,
+        state_dir: &'a Path,
+    ) -> ConnectorLaunch<'a> {
+        ConnectorLaunch {
+            fleet_addresses: self.addresses(),
+            tunnel_hostname: FLEET_TUNNEL_HOST,
+            fleet_ca: &group.fleet_ca,
+            group: &group.id,
+            token: &group.token,
+            state_dir,
+            drain_timeout: "10s",
+            capture_output: false,
+        }
+    }
+}
+
+/// The HTTP version a test client asks the proxy for with ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// `http/1.1`.
+    Http1,
+    /// `h2`.
+    Http2,
+}
+
+/// A streaming request body for [`HttpsConnection`].
+pub type ClientBody = http_body_util::combinators::BoxBody<Bytes, StepError>;
+
+/// An empty [`ClientBody`].
+pub fn empty_body() -> ClientBody {
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+enum ClientSender {
+    Http1(hyper::client::conn::http1::SendRequest<ClientBody>),
+    Http2(hyper::client::conn::http2::SendRequest<ClientBody>),
+}
+
+/// One HTTPS connection to the proxy as a browser opens it (SNI `host`, only the app's CA
+/// trusted, ALPN for the chosen [`Protocol`]), sending requests one after another with
+/// streaming bodies both ways.
+pub struct HttpsConnection {
+    host: String,
+    sender: ClientSender,
+}
+
+fn client_tls(ca_pem: &[u8], alpn: &[&[u8]]) -> Result<rustls::ClientConfig, StepError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(certificate?)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+impl HttpsConnection {
+    /// Connects to `address` and negotiates `protocol`; fails when the proxy picks
+    /// another one.
+    pub async fn open(
+        address: SocketAddr,
+        host: &str,
+        ca_pem: &[u8],
+        protocol: Protocol,
+    ) -> Result<Self, StepError> {
+        let alpn: &[u8] = match protocol {
+            Protocol::Http1 => b"http/1.1",
+            Protocol::Http2 => b"h2",
+        };
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client_tls(ca_pem, &[alpn])?));
+        let tcp = TcpStream::connect(address).await?;
+        tcp.set_nodelay(true)?;
+        let tls = connector
+            .connect(ServerName::try_from(host.to_owned())?, tcp)
+            .await?;
+        let negotiated = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        if negotiated.as_deref() != Some(alpn) {
+            return Err(format!(
+                "asked {address} for ALPN {:?}, it negotiated {:?}",
+                String::from_utf8_lossy(alpn),
+                negotiated.map(|p| String::from_utf8_lossy(&p).into_owned())
+            )
+            .into());
+        }
+        let sender = match protocol {
+            Protocol::Http1 => {
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+                tokio::spawn(connection);
+                ClientSender::Http1(sender)
+            }
+            Protocol::Http2 => {
+                let (sender, connection) =
+                    hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .handshake(TokioIo::new(tls))
+                        .await?;
+                tokio::spawn(connection);
+                ClientSender::Http2(sender)
+            }
+        };
+        Ok(Self {
+            host: host.to_owned(),
+            sender,
+        })
+    }
+
+    /// The protocol spoken.
+    pub fn protocol(&self) -> Protocol {
+        match self.sender {
+            ClientSender::Http1(_) => Protocol::Http1,
+            ClientSender::Http2(_) => Protocol::Http2,
+        }
+    }
+
+    /// Sends `request` (its URI a path and query) for the connection's host: `Host`
+    /// over HTTP/1.1, an `https://host/...` URI (`:authority`) over HTTP/2. Returns once
+    /// the response head arrived; the body streams.
+    pub async fn send(
+        &mut self,
+        mut request: Request<ClientBody>,
+    ) -> Result<Response<Incoming>, StepError> {
+        match &mut self.sender {
+            ClientSender::Http1(sender) => {
+                request
+                    .headers_mut()
+                    .insert(http::header::HOST, http::HeaderValue::from_str(&self.host)?);
+                sender.ready().await?;
+                Ok(sender.send_request(request).await?)
+            }
+            ClientSender::Http2(sender) => {
+                let path = request
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_owned();
+                *request.uri_mut() = format!("https://{}{path}", self.host).parse()?;
+                sender.ready().await?;
+                Ok(sender.send_request(request).await?)
+            }
+        }
+    }
+
+    /// Sends `request` and reads the whole answer.
+    pub async fn request(&mut self, request: Request<ClientBody>) -> Result<Answer, StepError> {
+        let response = self.send(request).await?;
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await?.to_bytes();
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    }
+}
+
+/// [`https_request`] over HTTP/2 (ALPN `h2`): the host goes in `:authority`.
+pub async fn https_request_h2(
+    address: SocketAddr,
+    host: &str,
+    ca_pem: &[u8],
+    request: Request<Full<Bytes>>,
+) -> Result<Answer, StepError> {
+    let mut connection = HttpsConnection::open(address, host, ca_pem, Protocol::Http2).await?;
+    connection
+        .request(request.map(|body| body.map_err(|never| match never {}).boxed()))
+        .await
+}
+
+/// Length of the repeating block of [`pattern`]: a prime, so that it never lines up with
+/// the power-of-two buffer and frame sizes on the way, and a lost, repeated or reordered
+/// chunk shows.
+pub const PATTERN_LEN: usize = 1_048_573;
+
+/// The bytes test bodies are made of: a fixed pseudo-random block of [`PATTERN_LEN`]
+/// bytes, repeated. Bodies of any length are sliced from it without copying, and a
+/// receiver checks what arrived byte for byte ([`PatternCheck`]), never holding a body.
+pub fn pattern() -> &'static Bytes {
+    static PATTERN: OnceLock<Bytes> = OnceLock::new();
+    PATTERN.get_or_init(|| {
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut bytes = Vec::with_capacity(PATTERN_LEN + 8);
+        while bytes.len() < PATTERN_LEN {
+            // xorshift64*
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            bytes.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+        }
+        bytes.truncate(PATTERN_LEN);
+        Bytes::from(bytes)
+    })
+}
+
+/// A body of `len` bytes of [`pattern`], made as it is read (64 KiB frames).
+#[derive(Debug)]
+pub struct PatternBody {
+    remaining: u64,
+    offset: usize,
+}
+
+impl PatternBody {
+    /// The first `len` bytes of the repeated pattern.
+    pub fn new(len: u64) -> Self {
+        Self {
+            remaining: len,
+            offset: 0,
+        }
+    }
+
+    /// As a [`ClientBody`].
+    pub fn boxed_client(self) -> ClientBody {
+        self.map_err(|never| match never {}).boxed()
+    }
+}
+
+impl hyper::body::Body for PatternBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        const FRAME: usize = 64 * 1024;
+        if self.remaining == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let left = usize::try_from(self.remaining).unwrap_or(usize::MAX);
+        let len = FRAME.min(PATTERN_LEN - self.offset).min(left);
+        let chunk = pattern().slice(self.offset..self.offset + len);
+        self.offset = (self.offset + len) % PATTERN_LEN;
+        self.remaining -= len as u64;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// Checks a stream against [`pattern`] as it arrives: how many bytes, and the offset of
+/// the first that differs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PatternCheck {
+    received: u64,
+    first_mismatch: Option<u64>,
+}
+
+impl PatternCheck {
+    /// Nothing received yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Takes the next `chunk` of the stream.
+    pub fn feed(&mut self, mut chunk: &[u8]) {
+        let pattern = pattern();
+        while !chunk.is_empty() {
+            let offset = usize::try_from(self.received % PATTERN_LEN as u64).unwrap_or(0);
+            let len = chunk.len().min(PATTERN_LEN - offset);
+            let (head, rest) = chunk.split_at(len);
+            let expected = pattern.get(offset..offset + len).unwrap_or_default();
+            if self.first_mismatch.is_none() && head != expected {
+                let at = head
+                    .iter()
+                    .zip(expected)
+                    .position(|(a, b)| a != b)
+                    .unwrap_or(0);
+                self.first_mismatch = Some(self.received + at as u64);
+            }
+            self.received += len as u64;
+            chunk = rest;
+        }
+    }
+
+    /// Bytes received.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Offset of the first byte that is not the pattern's.
+    pub fn first_mismatch(&self) -> Option<u64> {
+        self.first_mismatch
+    }
+}
+
+/// Reads `body` to its end through a [`PatternCheck`], holding one frame at a time.
+pub async fn check_pattern_body(mut body: Incoming) -> Result<PatternCheck, StepError> {
+    let mut check = PatternCheck::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            check.feed(&data);
+        }
+    }
+    Ok(check)
+}
+
+/// One request as a [`TrafficBackend`] saw it.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    /// When its head arrived.
+    pub at: tokio::time::Instant,
+    /// Its path and query.
+    pub target: String,
+    /// The label of the watched process whose connection carried it
+    /// ([`TrafficBackend::watch`]), if any.
+    pub from: Option<String>,
+}
+
+struct TrafficState {
+    name: String,
+    watched: Mutex<Vec<(u32, String)>>,
+    arrivals: Mutex<Vec<Arrival>>,
+}
+
+/// A plain HTTP/1.1 backend for data-plane tests that records every request with the
+/// process that sent it (told apart by the owner of the connection's client socket, see
+/// [`TrafficBackend::watch`]). It answers:
+///
+/// - `GET /bytes/<n>`: `n` bytes of [`pattern`], made on the fly, with `Content-Length`;
+/// - `POST /count`: reads the body through a [`PatternCheck`] and answers
+///   `received=<n>\nmismatch=<offset or none>\n`;
+/// - `GET /slow/<ms>`: the text answer below, after `ms` milliseconds;
+/// - anything else: a text body naming the backend (`backend=<name>`), the method and
+///   the target.
+pub struct TrafficBackend {
+    /// Where it listens.
+    pub address: SocketAddr,
+    state: Arc<TrafficState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TrafficBackend {
+    /// Starts a backend named `name` on a free loopback port.
+    pub async fn start(name: &str) -> Result<Self, std::io::Error> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let state = Arc::new(TrafficState {
+            name: name.to_owned(),
+            watched: Mutex::new(Vec::new()),
+            arrivals: Mutex::new(Vec::new()),
+        });
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, peer)) = listener.accept().await {
+                let state = shared.clone();
+                tokio::spawn(async move {
+                    let watched = state
+                        .watched
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .clone();
+                    let from = tokio::task::spawn_blocking(move || {
+                        socket_owner(peer.port(), address.port(), &watched)
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                    let service = service_fn(move |request: Request<Incoming>| {
+                        let state = state.clone();
+                        let from = from.clone();
+                        async move { Ok::<_, Infallible>(traffic_answer(&state, from, request).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Self {
+            address,
+            state,
+            task,
+        })
+    }
+
+    /// Attributes connections from `process` to `label` from now on (a connector, say),
+    /// so that [`Arrival::from`] says which process sent each request.
+    pub fn watch(&self, process: &OwnedProcess, label: &str) {
+        self.state
+            .watched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((process.pid(), label.to_owned()));
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn arrivals(&self) -> Vec<Arrival> {
+        self.state
+            .arrivals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// How many requests arrived.
+    pub fn requests(&self) -> usize {
+        self.state
+            .arrivals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Its base URL, `http://127.0.0.1:<port>/`.
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.address)
+    }
+}
+
+impl Drop for TrafficBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type BackendBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+fn text_response(text: String) -> Response<BackendBody> {
+    Response::new(
+        Full::new(Bytes::from(text))
+            .map_err(|never| match never {})
+            .boxed(),
     )
+}
+
+async fn traffic_answer(
+    state: &TrafficState,
+    from: Option<String>,
+    request: Request<Incoming>,
+) -> Response<BackendBody> {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    state
+        .arrivals
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(Arrival {
+            at: tokio::time::Instant::now(),
+            target: target.clone(),
+            from,
+        });
+    let path = request.uri().path().to_owned();
+    if let Some(len) = path
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        let mut response = Response::new(
+            PatternBody::new(len)
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/octet-stream"),
+        );
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+        return response;
+    }
+    if request.method() == http::Method::POST && path == "/count" {
+        let mut body = request.into_body();
+        let mut check = PatternCheck::new();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        check.feed(&data);
+                    }
+                }
+                Err(error) => {
+                    let mut response = text_response(format!("body broke off: {error}\n"));
+                    *response.status_mut() = StatusCode::BAD_REQUEST;
+                    return response;
+                }
+            }
+        }
+        return text_response(format!(
+            "received={}\nmismatch={}\n",
+            check.received(),
+            check
+                .first_mismatch()
+                .map_or_else(|| "none".to_owned(), |at| at.to_string())
+        ));
+    }
+    if let Some(ms) = path
+        .strip_prefix("/slow/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    text_response(format!(
+        "backend={}\nmethod={}\ntarget={target}\n",
+        state.name,
+        request.method()
+    ))
+}
+
+/// The label of the process among `watched` (pid, label) that owns the loopback TCP
+/// socket connected from local port `client_port` to `server_port`: the socket's inode
+/// from `/proc/net/tcp{,6}`, then the process whose `/proc/<pid>/fd` links to it.
+pub fn socket_owner(
+    client_port: u16,
+    server_port: u16,
+    watched: &[(u32, String)],
+) -> Option<String> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = |field: Option<&&str>| {
+                field
+                    .and_then(|f| f.rsplit_once(':'))
+                    .and_then(|(_, port)| u16::from_str_radix(port, 16).ok())
+            };
+            if port(fields.get(1)) == Some(client_port)
+                && port(fields.get(2)) == Some(server_port)
+                && let Some(inode) = fields.get(9).filter(|i| **i != "0")
+            {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    watched.iter().find_map(|(pid, label)| {
+        let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|entry| std::fs::read_link(entry.path()).ok())
+            .any(|link| {
+                inodes
+                    .iter()
+                    .any(|inode| link.as_os_str() == inode.as_str())
+            })
+            .then(|| label.clone())
+    })
+}
+
+/// The resident set size of process `pid`, in bytes (`VmRSS` of `/proc/<pid>/status`).
+pub fn rss_bytes(pid: u32) -> Result<u64, StepError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status"))?;
+    Ok(kib * 1024)
+}
+
+/// The memory of one process as a [`MemoryWatch`] saw it.
+#[derive(Debug, Clone)]
+pub struct MemoryPeak {
+    /// The label given.
+    pub label: String,
+    /// Its RSS when the watch started, in bytes.
+    pub baseline: u64,
+    /// The highest RSS sampled, in bytes.
+    pub peak: u64,
+    /// How many samples were taken.
+    pub samples: usize,
+}
+
+impl MemoryPeak {
+    /// How far the RSS rose above the baseline, in bytes.
+    pub fn growth(&self) -> u64 {
+        self.peak.saturating_sub(self.baseline)
+    }
+}
+
+/// Samples the RSS of some processes every `interval` until dropped.
+pub struct MemoryWatch {
+    peaks: Arc<Mutex<Vec<MemoryPeak>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MemoryWatch {
+    /// Starts watching `processes` (label, pid); their current RSS is the baseline.
+    pub fn start(processes: &[(&str, u32)], interval: Duration) -> Result<Self, StepError> {
+        let mut peaks = Vec::new();
+        for (label, pid) in processes {
+            let rss = rss_bytes(*pid)?;
+            peaks.push(MemoryPeak {
+                label: (*label).to_owned(),
+                baseline: rss,
+                peak: rss,
+                samples: 1,
+            });
+        }
+        let peaks = Arc::new(Mutex::new(peaks));
+        let pids: Vec<u32> = processes.iter().map(|(_, pid)| *pid).collect();
+        let shared = peaks.clone();
+        let task = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            loop {
+                ticks.tick().await;
+                let samples: Vec<Option<u64>> =
+                    pids.iter().map(|pid| rss_bytes(*pid).ok()).collect();
+                let mut peaks = shared.lock().unwrap_or_else(PoisonError::into_inner);
+                for (peak, sample) in peaks.iter_mut().zip(samples) {
+                    if let Some(rss) = sample {
+                        peak.peak = peak.peak.max(rss);
+                        peak.samples += 1;
+                    }
+                }
+            }
+        });
+        Ok(Self { peaks, task })
+    }
+
+    /// The peaks so far.
+    pub fn peaks(&self) -> Vec<MemoryPeak> {
+        self.peaks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Drop for MemoryWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Where load requests go: an app through one proxy replica.
+#[derive(Debug, Clone)]
+pub struct LoadTarget {
+    /// The replica.
+    pub address: SocketAddr,
+    /// The app's host.
+    pub host: String,
+    /// The app's CA.
+    pub ca_pem: Vec<u8>,
+    /// The path (and query) to `GET`.
+    pub path: String,
+    /// Text a good answer's body contains.
+    pub expect: String,
+}
+
+/// One request of a [`run_load`].
+#[derive(Debug, Clone)]
+pub struct LoadOutcome {
+    /// Which client sent it.
+    pub client: usize,
+    /// When it was sent.
+    pub started: tokio::time::Instant,
+    /// When its answer ended (or it failed).
+    pub finished: tokio::time::Instant,
+    /// `Ok(())` for a 200 whose body holds the expected text; otherwise what went wrong.
+    pub result: Result<(), String>,
+}
+
+/// Runs `clients` concurrent clients until `until`: client `i` sends `GET` after `GET`
+/// to `targets[i % targets.len()]` over one keep-alive HTTP/1.1 connection (opened
+/// again after a failure), each request bounded by `timeout`. Returns every outcome.
+pub async fn run_load(
+    targets: &[LoadTarget],
+    clients: usize,
+    until: tokio::time::Instant,
+    timeout: Duration,
+) -> Vec<LoadOutcome> {
+    /// An upper bound on requests per client, so the loop ends even if time stood still.
+    const MAX_REQUESTS: usize = 100_000;
+    if targets.is_empty() {
+        return Vec::new();
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in 0..clients {
+        let target = targets[client % targets.len()].clone();
+        tasks.spawn(async move {
+            let mut outcomes = Vec::new();
+            let mut connection: Option<HttpsConnection> = None;
+            for _ in 0..MAX_REQUESTS {
+                let started = tokio::time::Instant::now();
+                if started >= until {
+                    break;
+                }
+                let result = tokio::time::timeout(timeout, async {
+                    let mut open = match connection.take() {
+                        Some(open) => open,
+                        None => HttpsConnection::open(
+                            target.address,
+                            &target.host,
+                            &target.ca_pem,
+                            Protocol::Http1,
+                        )
+                        .await
+                        .map_err(|e| format!("connect: {e}"))?,
+                    };
+                    let request = Request::get(target.path.as_str())
+                        .body(empty_body())
+                        .map_err(|e| e.to_string())?;
+                    let answer = open.request(request).await.map_err(|e| e.to_string())?;
+                    connection = Some(open);
+                    let text = answer.text();
+                    if answer.status != StatusCode::OK || !text.contains(&target.expect) {
+                        return Err(format!("{}: {}", answer.status, text.trim()));
+                    }
+                    Ok(())
+                })
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
+                if result.is_err() {
+                    connection = None;
+                }
+                outcomes.push(LoadOutcome {
+                    client,
+                    started,
+                    finished: tokio::time::Instant::now(),
+                    result,
+                });
+            }
+            outcomes
+        });
+    }
+    let mut all = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        if let Ok(outcomes) = done {
+            all.extend(outcomes);
+        }
+    }
+    all.sort_by_key(|o| o.started);
+    all
+}
+
+/// A real nginx serving static files on a free loopback port, as a non-daemon single
+/// process with a generated configuration; killed when dropped.
+pub struct Nginx {
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// The directory it serves.
+    pub root: PathBuf,
+    /// The process (its output is captured: nginx logs errors to stderr).
+    pub process: OwnedProcess,
+    _dir: tempfile::TempDir,
+}
+
+/// How to get nginx where it is missing.
+pub const NGINX_INSTALL_HINT: &str = "install it with `apt-get update && apt-get install -y nginx-light` (as root; `bash hack/install-test-packages.sh` does it)";
+
+/// The nginx executable: on `PATH`, or Debian's `/usr/sbin/nginx`.
+pub fn find_nginx() -> Result<PathBuf, StepError> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+        .map(|dir| dir.join("nginx"))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            format!("nginx is not installed, and this test needs a real nginx as its backend: {NGINX_INSTALL_HINT}").into()
+        })
+}
+
+impl Nginx {
+    /// Writes `files` (path relative to the root, content) and starts nginx serving them.
+    pub async fn start(files: &[(&str, &[u8])]) -> Result<Self, StepError> {
+        let nginx = find_nginx()?;
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().join("www");
+        for (path, content) in files {
+            let file = root.join(path);
+            if let Some(parent) = file.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(file, content)?;
+        }
+        std::fs::create_dir_all(&root)?;
+        // Temp paths of the modules this build has, inside the test's directory.
+        let built = std::process::Command::new(&nginx).arg("-V").output()?;
+        let built = String::from_utf8_lossy(&built.stderr).into_owned();
+        let mut temp_paths = format!("client_body_temp_path {0}/body;\n", dir.path().display());
+        for module in ["proxy", "fastcgi", "uwsgi", "scgi"] {
+            if !built.contains(&format!("--without-http_{module}_module")) {
+                temp_paths.push_str(&format!(
+                    "    {module}_temp_path {}/{module};\n",
+                    dir.path().display()
+                ));
+            }
+        }
+        let address = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let config = format!(
+            "daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log stderr notice;
+events {{ worker_connections 64; }}
+http {{
+    access_log {dir}/access.log;
+    {temp_paths}
+    types {{ text/html html; text/plain txt; application/octet-stream bin; }}
+    default_type application/octet-stream;
+    server {{
+        listen {address};
+        root {root};
+        location / {{ }}
+    }}
+}}
+",
+            dir = dir.path().display(),
+            root = root.display(),
+        );
+        let config_file = dir.path().join("nginx.conf");
+        std::fs::write(&config_file, config)?;
+        let prefix = format!("{}/", dir.path().display());
+        let config_arg = config_file.display().to_string();
+        let mut process = OwnedProcess::start_program(
+            &nginx,
+            &["-p", &prefix, "-e", "stderr", "-c", &config_arg],
+            &[],
+            true,
+        )?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if !process.is_running() {
+                return Err(format!("nginx exited at start: {}", process.output()).into());
+            }
+            if TcpStream::connect(address).await.is_ok() {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(
+                    format!("nginx does not listen on {address}: {}", process.output()).into(),
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Self {
+            address,
+            root,
+            process,
+            _dir: dir,
+        })
+    }
+
+    /// Its base URL, `http://127.0.0.1:<port>/`.
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.address)
+    }
+}
+
+/// Sends `request` over plain HTTP/1.1 to `address` (a backend, directly); `Host` is the
+/// address.
+pub async fn http_request(
+    address: SocketAddr,
+    mut request: Request<Full<Bytes>>,
+) -> Result<Answer, StepError> {
+    let tcp = TcpStream::connect(address).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(connection);
+    request.headers_mut().insert(
+        http::header::HOST,
+        http::HeaderValue::from_str(&address.to_string())?,
+    );
+    let response = sender.send_request(request).await?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
 }

@@ -8,142 +8,42 @@ use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use sallyport_api::{Connector, ConnectorGroup, PublishedApp};
-use sallyport_e2e::controlplane::Mode;
+use kube::api::{Api, DeleteParams, ListParams};
+use sallyport_api::Connector;
 use sallyport_e2e::dataplane::{
-    Backend, StepError, https_get, start_connector, start_proxy, wait_for_port, write_secret_dir,
+    Backend, Fleet, REACTION_TIMEOUT, StepError, eventually, https_get,
 };
-use sallyport_e2e::identity::proxy_kubeconfig;
-use sallyport_e2e::manifests::self_signed_tls_secret;
-use sallyport_e2e::process::start_operator;
-use sallyport_e2e::testbed::Testbed;
 use serde_json::json;
 
 type TestResult = Result<(), StepError>;
 
-/// Generous for a busy 2-core machine.
-const REACTION_TIMEOUT: Duration = Duration::from_secs(30);
-const TUNNEL_HOST: &str = "tunnel.dataplane.test";
 const APP_HOST: &str = "wiki.dataplane.test";
-
-async fn eventually<T>(
-    what: &str,
-    mut step: impl AsyncFnMut() -> Result<Option<T>, StepError>,
-) -> Result<T, StepError> {
-    let deadline = tokio::time::Instant::now() + REACTION_TIMEOUT;
-    let mut last_error = None;
-    loop {
-        match step().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {}
-            Err(error) => last_error = Some(error.to_string()),
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(format!(
-                "{what} did not happen within {REACTION_TIMEOUT:?} (last error: {last_error:?})"
-            )
-            .into());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 #[tokio::test]
 async fn a_passthrough_app_is_served_through_outbound_tunnels_and_revocation_cuts_them()
 -> TestResult {
-    let bed = Testbed::new(
+    // The operator, the fleet's PKI as the proxy pods would mount it, and two proxy
+    // replicas running as the proxy's ServiceAccount.
+    let fleet = Fleet::start(
         Path::new(env!("CARGO_BIN_EXE_sallyport-cluster")),
-        Mode::ApiServer,
         "dataplane",
+        &["proxy-a", "proxy-b"],
     )
-    .await
-    .map_err(|e| e.to_string())?;
-    let client = bed.client.clone();
-    let _operator = start_operator(
-        &bed.operator_kubeconfig,
-        &bed.operator_namespace,
-        &["--tunnel-hostname", TUNNEL_HOST],
-    )?;
+    .await?;
+    let client = fleet.bed.client.clone();
+    let bed = &fleet.bed;
+    let (a, b) = (fleet.proxies[0].ports, fleet.proxies[1].ports);
 
     // The app: a ConnectorGroup, a TLS Secret and a passthrough PublishedApp whose
     // internal URL is a real backend.
     let backend = Backend::start("wiki").await?;
-    let group: ConnectorGroup = serde_json::from_value(json!({
-        "apiVersion": "sallyport.dev/v1alpha1", "kind": "ConnectorGroup",
-        "metadata": {"name": "dc"}, "spec": {}
-    }))?;
-    Api::<ConnectorGroup>::namespaced(client.clone(), &bed.namespace)
-        .create(&PostParams::default(), &group)
+    let group = fleet.create_group("dc", json!({})).await?;
+    let app_ca = fleet
+        .publish_app("wiki", APP_HOST, &backend.url(), "dc")
         .await?;
-    let tls = self_signed_tls_secret("wiki-tls", APP_HOST)?;
-    let app_ca = tls
-        .data
-        .as_ref()
-        .and_then(|d| d.get("tls.crt"))
-        .map(|v| v.0.clone())
-        .ok_or("the TLS Secret has no tls.crt")?;
-    Api::<Secret>::namespaced(client.clone(), &bed.namespace)
-        .create(&PostParams::default(), &tls)
-        .await?;
-    let app: PublishedApp = serde_json::from_value(json!({
-        "apiVersion": "sallyport.dev/v1alpha1", "kind": "PublishedApp",
-        "metadata": {"name": "wiki"},
-        "spec": {
-            "externalUrl": format!("https://{APP_HOST}/"),
-            "internalUrl": backend.url(),
-            "preAuthentication": {"type": "Passthrough"},
-            "connectorGroup": {"name": "dc"},
-            "tls": {"secretName": "wiki-tls"}
-        }
-    }))?;
-    Api::<PublishedApp>::namespaced(client.clone(), &bed.namespace)
-        .create(&PostParams::default(), &app)
-        .await?;
-
-    // The fleet's PKI, as the proxy pods would mount it.
-    let pki = tempfile::tempdir()?;
-    for (secret, dir) in [
-        ("sallyport-tunnel-tls", "tunnel-tls"),
-        ("sallyport-connector-issuer", "connector-issuer"),
-    ] {
-        eventually(&format!("Secret {secret}"), async || {
-            let files = write_secret_dir(
-                &client,
-                &bed.operator_namespace,
-                secret,
-                &pki.path().join(dir),
-            )
-            .await?;
-            Ok(files.contains_key("tls.key").then_some(()))
-        })
-        .await?;
-    }
-
-    // Two proxy replicas, as the proxy's ServiceAccount.
-    let proxy_kubeconfig = proxy_kubeconfig(bed.control_plane, &bed.operator_namespace)
-        .await
-        .map_err(|e| e.to_string())?;
-    let (_proxy_a, a) = start_proxy(
-        &proxy_kubeconfig,
-        &bed.operator_namespace,
-        "proxy-a",
-        pki.path(),
-        TUNNEL_HOST,
-    )?;
-    let (_proxy_b, b) = start_proxy(
-        &proxy_kubeconfig,
-        &bed.operator_namespace,
-        "proxy-b",
-        pki.path(),
-        TUNNEL_HOST,
-    )?;
-    for ports in [a, b] {
-        wait_for_port(ports.listen, REACTION_TIMEOUT).await?;
-    }
 
     // Before any connector: a clear 503 naming the group, quickly.
-    let answer = eventually("a 503 without connectors", async || {
+    let answer = eventually("a 503 without connectors", REACTION_TIMEOUT, async || {
         let answer = https_get(a.listen, APP_HOST, &app_ca, "/").await?;
         Ok((answer.status == 503).then_some(answer))
     })
@@ -158,47 +58,22 @@ async fn a_passthrough_app_is_served_through_outbound_tunnels_and_revocation_cut
     assert_eq!(robots.text(), "User-agent: *\nDisallow: /\n");
 
     // A connector registers with the group's token and dials out to both replicas.
-    let token_secret = eventually("the registration token with the fleet CA", async || {
-        let secret = Api::<Secret>::namespaced(client.clone(), &bed.namespace)
-            .get_opt("dc-registration")
-            .await?;
-        Ok(secret
-            .and_then(|s| s.data)
-            .filter(|d| d.contains_key("ca.crt") && d.contains_key("token")))
-    })
-    .await?;
-    let token = String::from_utf8(
-        token_secret
-            .get("token")
-            .map(|t| t.0.clone())
-            .unwrap_or_default(),
-    )?;
     let state = tempfile::tempdir()?;
-    let fleet_ca = state.path().join("fleet-ca.crt");
-    std::fs::write(
-        &fleet_ca,
-        token_secret
-            .get("ca.crt")
-            .map(|c| c.0.clone())
-            .unwrap_or_default(),
-    )?;
-    let group_id = format!("{}/dc", bed.namespace);
-    let _connector = start_connector(
-        &[a.listen, b.listen],
-        TUNNEL_HOST,
-        &fleet_ca,
-        &group_id,
-        &token,
-        &state.path().join("connector"),
-    )?;
+    let _connector = fleet
+        .connector(&group, &state.path().join("connector"))
+        .start()?;
 
     // Through either replica, the backend answers, with forwarding headers set and the
     // internal header stripped.
     for address in [a.listen, b.listen] {
-        let answer = eventually(&format!("a 200 through {address}"), async || {
-            let answer = https_get(address, APP_HOST, &app_ca, "/pages/home?tab=1").await?;
-            Ok((answer.status == 200).then_some(answer))
-        })
+        let answer = eventually(
+            &format!("a 200 through {address}"),
+            REACTION_TIMEOUT,
+            async || {
+                let answer = https_get(address, APP_HOST, &app_ca, "/pages/home?tab=1").await?;
+                Ok((answer.status == 200).then_some(answer))
+            },
+        )
         .await?;
         let text = answer.text();
         assert!(text.contains("backend=wiki"), "{text}");
@@ -214,7 +89,7 @@ async fn a_passthrough_app_is_served_through_outbound_tunnels_and_revocation_cut
 
     // The registration is recorded as a Connector object with its certificate.
     let connectors = Api::<Connector>::namespaced(client.clone(), &bed.namespace);
-    let connector = eventually("a Connector object", async || {
+    let connector = eventually("a Connector object", REACTION_TIMEOUT, async || {
         let list = connectors.list(&ListParams::default()).await?;
         Ok(list
             .items
@@ -249,10 +124,14 @@ async fn a_passthrough_app_is_served_through_outbound_tunnels_and_revocation_cut
     // get the clear 503 again, never reaching the backend.
     connectors.delete(&name, &DeleteParams::default()).await?;
     for address in [a.listen, b.listen] {
-        eventually(&format!("revocation reaching {address}"), async || {
-            let answer = https_get(address, APP_HOST, &app_ca, "/").await?;
-            Ok((answer.status == 503).then_some(()))
-        })
+        eventually(
+            &format!("revocation reaching {address}"),
+            REACTION_TIMEOUT,
+            async || {
+                let answer = https_get(address, APP_HOST, &app_ca, "/").await?;
+                Ok((answer.status == 503).then_some(()))
+            },
+        )
         .await?;
     }
     let served_before = backend.requests();
