@@ -324,14 +324,56 @@ impl Proxy {
         }
         let replicas = self.replicas.borrow().clone();
         let notice = self.notice_for(&config, &replicas, &identity);
+        let sent_version = notice.config_version.clone();
         info!(%peer, %connector, group = %identity.group_id(), "tunnel opened");
-        tokio::select! {
-            result = self.pool.attach(identity, tls, notice) => match result {
-                Ok(()) => info!(%peer, %connector, "tunnel closed"),
-                Err(error) => info!(%peer, %connector, %error, "tunnel ended"),
+        let attach = self.pool.attach(identity.clone(), tls, notice);
+        tokio::pin!(attach);
+        let ended = tokio::select! {
+            result = &mut attach => Some(result),
+            () = self.renotify_if_stale(&identity, &sent_version) => None,
+            () = shutdown.cancelled() => return,
+        };
+        let result = match ended {
+            Some(result) => result,
+            None => tokio::select! {
+                result = &mut attach => result,
+                // The pool's close_all drains tunnels on shutdown; nothing to do here.
+                () = shutdown.cancelled() => return,
             },
-            // The pool's close_all drains tunnels on shutdown; nothing to do here.
-            () = shutdown.cancelled() => {}
+        };
+        match result {
+            Ok(()) => info!(%peer, %connector, "tunnel closed"),
+            Err(error) => info!(%peer, %connector, %error, "tunnel ended"),
+        }
+    }
+
+    /// A configuration that arrives while a tunnel is being set up is announced only to
+    /// tunnels already in the pool; once this one is in, tell it again if its first
+    /// notice went out with an older version (else it would wait for its next poll).
+    async fn renotify_if_stale(&self, identity: &ConnectorIdentity, sent_version: &str) {
+        // The connector's other tunnels are there already: wait for one more.
+        let siblings = |tunnels: &[sallyport_tunnel::pool::TunnelInfo]| {
+            tunnels.iter().filter(|t| t.identity == *identity).count()
+        };
+        let before = siblings(&self.pool.snapshot());
+        let routed = self.pool.wait_for(|tunnels| siblings(tunnels) > before);
+        if tokio::time::timeout(HANDSHAKE_TIMEOUT, routed)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let current = self
+            .config
+            .load_full()
+            .group_slice(&identity.group_id())
+            .ok()
+            .flatten()
+            .map(|slice| slice.version)
+            .unwrap_or_default();
+        if current != sent_version {
+            debug!(connector = %identity.connector_id(), "configuration changed while the tunnel opened; notifying again");
+            self.notify_connectors().await;
         }
     }
 
