@@ -17,7 +17,7 @@ CRDGEN := $(CARGO) run --quiet -p sallyport-api --bin sallyport-crdgen --
 
 .PHONY: help
 help: ## Show this help
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: build
 build: ## Build every crate and binary
@@ -79,9 +79,20 @@ cluster-down: ## Stop the local control plane and remove its state
 	$(CLUSTER) down
 
 .PHONY: bench
-bench: ## Benchmarks, release build, real control plane on loopback (S8); options in BENCH_ARGS="--apps 200"
+bench: bench-s8 bench-dataplane ## Benchmarks, release build, on loopback: S8 (operator) and the data plane (S1, S3)
+
+.PHONY: bench-build
+bench-build:
 	$(CARGO) build --release --workspace --bins
+
+.PHONY: bench-s8
+bench-s8: bench-build ## S8: operator and compiler, real control plane; options in BENCH_ARGS="--apps 200"
 	$(CARGO_TARGET_DIR)/release/sallyport-bench s8 $(BENCH_ARGS)
+
+.PHONY: bench-dataplane
+bench-dataplane: bench-build ## S1, S3: direct vs proxy + connector, A B A B; options in BENCH_DATAPLANE_ARGS="--rounds 7"
+	bash bench/install-tools.sh >/dev/null
+	$(CARGO_TARGET_DIR)/release/sallyport-bench dataplane --oha "$$(bash bench/install-tools.sh)" $(BENCH_DATAPLANE_ARGS)
 
 .PHONY: demo
 demo: ## Local demo: a control plane, the operator, a proxy and a connector serving an app through a tunnel

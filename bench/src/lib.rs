@@ -7,10 +7,14 @@
 //!
 //! - [`s8`]: the operator under 1,000 PublishedApps, and the fleet configuration compiler
 //!   at 10,000 apps;
+//! - [`dataplane`]: S1 (small GETs, 50 keep-alive connections) and S3 (1 GiB download and
+//!   upload over one connection, with the memory growth of proxy and connector), straight
+//!   to a backend and through the proxy and connector, side by side;
 //! - [`operator_process`]: the operator as a real process; [`procfs`]: memory and CPU time
 //!   of processes;
 //! - [`machine`], [`stats`]: where a run happened, and summaries of repeated measurements.
 
+pub mod dataplane;
 pub mod error;
 pub mod machine;
 pub mod operator_process;
@@ -22,6 +26,7 @@ use std::io::Write;
 
 use clap::{Parser, Subcommand};
 
+pub use dataplane::DataplaneError;
 pub use error::BenchError;
 
 /// Command-line interface of `sallyport-bench`.
@@ -68,11 +73,55 @@ pub enum Scenario {
         by --timeout."
     )]
     S8(s8::S8Args),
+
+    /// S1 and S3: small GETs over 50 keep-alive connections, and 1 GiB downloads and
+    /// uploads over one connection, straight to a backend and through the proxy and
+    /// connector, A B A B; medians, ratios to direct, memory growth.
+    #[command(
+        long_about = "S1 and S3: the data plane, straight to a backend and through \
+        sallyport-proxy and sallyport-connector, measured side by side in one run.\n\n\
+        Starts, on 127.0.0.1 and without a cluster: a small hyper backend (this executable, \
+        `dataplane-backend`), `sallyport-proxy run` in standalone mode (a fleet configuration \
+        compiled from a ConnectorGroup and a passthrough PublishedApp, a static registration \
+        token, the fleet's PKI and the app's certificate written to files) and \
+        `sallyport-connector run`, which registers and keeps its tunnels to the proxy. Users \
+        reach the proxy over TLS (the app's self-signed certificate, SNI app.bench.test); the \
+        direct reference is plain HTTP to the backend.\n\n\
+        S3 first, on fresh processes: per round, one connection per target downloads \
+        --transfer-mib (1 GiB) direct, then through the proxy, then uploads as much on the \
+        same connections, direct then through the proxy, timed by this benchmark's own client \
+        (streamed, nothing kept); the proxy's and connector's VmRSS is sampled every 20 ms \
+        during each transfer. Then S1: per round, oha runs --duration seconds with --connections keep-alive connections \
+        direct, then through the proxy; 200 answers per second are counted, and the CPU time \
+        of the proxy, connector and backend per request is read from /proc.\n\n\
+        Reports medians over --rounds, ratios to direct (of the medians, with the range of \
+        the per-round ratios), and the goals it can judge (S1 >= 12,000 req/s; S3 memory \
+        growth <= 64 MiB). oha comes from `bash bench/install-tools.sh`. Every process is \
+        killed when the run ends, also on failure; every wait and transfer is bounded."
+    )]
+    Dataplane(dataplane::DataplaneArgs),
+
+    /// The data-plane benchmark's backend (started by `dataplane`, not for people).
+    #[command(hide = true)]
+    DataplaneBackend(dataplane::backend::BackendArgs),
+}
+
+/// A scenario could not run to the end.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// S8 failed.
+    #[error(transparent)]
+    Bench(#[from] BenchError),
+    /// The data-plane scenarios failed.
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
 }
 
 /// Runs the scenario `cli` names and writes its report to `out`.
-pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), BenchError> {
+pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), Error> {
     match cli.command {
-        Scenario::S8(args) => s8::run(&args)?.write(out),
+        Scenario::S8(args) => Ok(s8::run(&args)?.write(out)?),
+        Scenario::Dataplane(args) => Ok(dataplane::run(&args)?.write(out)?),
+        Scenario::DataplaneBackend(args) => Ok(dataplane::backend::serve(&args)?),
     }
 }

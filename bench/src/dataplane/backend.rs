@@ -1,0 +1,145 @@
+//! The benchmark's backend: a small, fast HTTP/1.1 server (hyper) that the data-plane
+//! scenarios reach directly and through the proxy and connector. It runs as its own
+//! process (`sallyport-bench dataplane-backend`, hidden), so that its CPU time is its own.
+//!
+//! - `GET /` (any other path too): `ok`, two bytes, for the small-GET scenario (S1);
+//! - `GET /bytes/N`: N bytes generated on the fly in chunks of `--chunk-kib` KiB (the same
+//!   buffer sent again and again, nothing read from disk), with a `Content-Length`, for the
+//!   download (S3);
+//! - `POST /upload`: reads the whole body, counting it, and answers the count as text,
+//!   for the upload (S3).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use clap::Args;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use super::error::DataplaneError;
+
+/// The path prefix of the generated download.
+pub const BYTES_PATH: &str = "/bytes/";
+/// The path of the counted upload.
+pub const UPLOAD_PATH: &str = "/upload";
+/// The body of every small GET.
+pub const SMALL_BODY: &[u8] = b"ok";
+
+/// Options of `sallyport-bench dataplane-backend`.
+#[derive(Clone, Debug, Args)]
+pub struct BackendArgs {
+    /// Where to listen, as ADDRESS:PORT.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Worker threads of the backend's async runtime.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: u16,
+
+    /// Size of the chunks a download is written in, KiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=16_384))]
+    pub chunk_kib: u32,
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Serves until the process is killed.
+pub fn serve(args: &BackendArgs) -> Result<(), DataplaneError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(args.workers))
+        .enable_all()
+        .build()
+        .map_err(DataplaneError::io("starting the backend's async runtime"))?;
+    let chunk = Bytes::from(vec![b'x'; args.chunk_kib as usize * 1024]);
+    runtime.block_on(async move {
+        let listener = TcpListener::bind(args.listen)
+            .await
+            .map_err(DataplaneError::io(format!("binding {}", args.listen)))?;
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let chunk = chunk.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let chunk = chunk.clone();
+                    async move { Ok::<_, Infallible>(answer(request, chunk).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    })
+}
+
+async fn answer(request: Request<Incoming>, chunk: Bytes) -> Response<Body> {
+    let path = request.uri().path();
+    if request.method() == Method::POST && path == UPLOAD_PATH {
+        let mut body = request.into_body();
+        let mut received: u64 = 0;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => {
+                    if let Some(data) = frame.data_ref() {
+                        received += data.len() as u64;
+                    }
+                }
+                Err(error) => return text(StatusCode::BAD_REQUEST, error.to_string()),
+            }
+        }
+        return text(StatusCode::OK, received.to_string());
+    }
+    if let Some(size) = path.strip_prefix(BYTES_PATH) {
+        return match size.parse::<u64>() {
+            Ok(size) => download(size, chunk),
+            Err(_) => text(StatusCode::BAD_REQUEST, format!("bad size {size:?}")),
+        };
+    }
+    let mut response = Response::new(Full::new(Bytes::from_static(SMALL_BODY)).boxed());
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+/// `size` bytes of `chunk` repeated (the last chunk cut short), with a Content-Length.
+fn download(size: u64, chunk: Bytes) -> Response<Body> {
+    let step = chunk.len() as u64;
+    let chunks = size.div_ceil(step.max(1));
+    let frames = (0..chunks).map(move |index| {
+        let left = size - index * step;
+        let piece = if left >= step {
+            chunk.clone()
+        } else {
+            chunk.slice(..left as usize)
+        };
+        Ok::<_, Infallible>(Frame::data(piece))
+    });
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(futures::stream::iter(
+        frames,
+    ))));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(size));
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    response
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
+    *response.status_mut() = status;
+    response
+}
