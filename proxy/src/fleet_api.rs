@@ -474,19 +474,16 @@ impl FleetApi {
             Refusal::internal("Internal", format!("cannot name the connector: {e}"))
         })?;
         audit.identify(&identity);
-        let (issued, response) = self.issue(&csr, &identity, group)?;
-        self.registry
-            .record(ConnectorRecord {
-                event: RecordEvent::Registered,
-                identity: identity.clone(),
-                hostname: Some(body.hostname.clone()),
-                version: body.version.clone(),
-                serial_hex: issued.serial_hex.clone(),
-                issued_at: issued.issued_at,
-                not_after: issued.not_after,
-            })
-            .await
-            .map_err(|e| Refusal::from_registry(&e))?;
+        let (issued, response) = self
+            .issue(
+                &csr,
+                &identity,
+                group,
+                RecordEvent::Registered,
+                Some(&body.hostname),
+                &body.version,
+            )
+            .await?;
         info!(
             target: AUDIT_TARGET,
             event = Route::Register.event(),
@@ -520,19 +517,16 @@ impl FleetApi {
         let body: RenewRequest = read_json(request).await?;
         check_text("version", &body.version, MAX_VERSION_LEN)?;
         let csr = Issuer::check(&body.csr).map_err(|e| Refusal::from_csr(&e))?;
-        let (issued, response) = self.issue(&csr, &identity, group)?;
-        self.registry
-            .record(ConnectorRecord {
-                event: RecordEvent::Renewed,
-                identity: identity.clone(),
-                hostname: None,
-                version: body.version.clone(),
-                serial_hex: issued.serial_hex.clone(),
-                issued_at: issued.issued_at,
-                not_after: issued.not_after,
-            })
-            .await
-            .map_err(|e| Refusal::from_registry(&e))?;
+        let (issued, response) = self
+            .issue(
+                &csr,
+                &identity,
+                group,
+                RecordEvent::Renewed,
+                None,
+                &body.version,
+            )
+            .await?;
         info!(
             target: AUDIT_TARGET,
             event = Route::Renew.event(),
@@ -606,11 +600,16 @@ impl FleetApi {
     }
 
     /// Signs a certificate for `identity` under its group's policy, and the answer.
-    fn issue(
+    /// Signs `csr` for `identity` under its group's certificate policy and records the
+    /// connector with the new certificate (`event`: a registration or a renewal).
+    async fn issue(
         &self,
         csr: &CheckedCsr,
         identity: &ConnectorIdentity,
         group: &ConnectorGroupConfig,
+        event: RecordEvent,
+        hostname: Option<&str>,
+        version: &str,
     ) -> Result<(IssuedCertificate, CertificateResponse), Refusal> {
         let issuer = self.issuer.load_full();
         let issued = issuer
@@ -623,6 +622,18 @@ impl FleetApi {
             not_after: rfc3339(issued.not_after)?,
             renew_at: rfc3339(issued.renew_at)?,
         };
+        self.registry
+            .record(ConnectorRecord {
+                event,
+                identity: identity.clone(),
+                hostname: hostname.map(str::to_owned),
+                version: version.to_owned(),
+                serial_hex: issued.serial_hex.clone(),
+                issued_at: issued.issued_at,
+                not_after: issued.not_after,
+            })
+            .await
+            .map_err(|e| Refusal::from_registry(&e))?;
         Ok((issued, response))
     }
 }
