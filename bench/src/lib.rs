@@ -19,6 +19,7 @@ pub mod error;
 pub mod machine;
 pub mod operator_process;
 pub mod procfs;
+pub mod report;
 pub mod s8;
 pub mod stats;
 

@@ -12,6 +12,7 @@ use super::oha::OhaResult;
 use super::sampler::RssGrowth;
 use crate::machine::Machine;
 use crate::procfs;
+pub use crate::report::GoalOutcome;
 
 /// S1 goal: ten times the reference product's published 1,200 req/s per connector.
 pub const S1_GOAL_REQ_PER_S: f64 = 12_000.0;
@@ -407,17 +408,6 @@ impl S1Summary {
     }
 }
 
-/// One goal of the performance design, against what was measured.
-#[derive(Clone, Debug, Serialize)]
-pub struct GoalOutcome {
-    /// The goal.
-    pub goal: String,
-    /// The number it is judged on.
-    pub measured: String,
-    /// Whether the goal is met.
-    pub met: bool,
-}
-
 /// Everything one data-plane run measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct DataplaneReport {
@@ -811,15 +801,7 @@ fn gbps(bytes_per_s: f64) -> String {
 
 /// A rounded number with thousands separators, e.g. `45,123`.
 fn grouped(value: f64) -> String {
-    let digits = format!("{:.0}", value.max(0.0));
-    let mut out = String::new();
-    for (i, digit) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(digit);
-    }
-    out
+    crate::report::grouped(value.max(0.0).round() as u64)
 }
 
 #[cfg(test)]

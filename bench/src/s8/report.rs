@@ -9,6 +9,8 @@ use super::compile::CompileReport;
 use super::operator::OperatorReport;
 use crate::error::BenchError;
 use crate::machine::Machine;
+pub use crate::report::GoalOutcome;
+use crate::report::grouped;
 
 /// S8 goal: this many seconds until 1,000 apps are Ready.
 pub const READY_GOAL_S: f64 = 30.0;
@@ -16,17 +18,6 @@ pub const READY_GOAL_S: f64 = 30.0;
 pub const COMPILE_GOAL_MS: f64 = 1000.0;
 /// What a ConfigMap holds at most.
 const CONFIG_MAP_LIMIT: usize = 1024 * 1024;
-
-/// One goal of the performance design, against what was measured.
-#[derive(Clone, Debug, Serialize)]
-pub struct GoalOutcome {
-    /// The goal, as stated for this run's sizes.
-    pub goal: String,
-    /// The number it is judged on.
-    pub measured: String,
-    /// Whether the goal is met.
-    pub met: bool,
-}
 
 /// Everything one S8 run measured.
 #[derive(Clone, Debug, Serialize)]
@@ -283,31 +274,10 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-/// `1234567` as `1,234,567`.
-fn grouped(value: u64) -> String {
-    let digits = value.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, digit) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(digit);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::stats::Spread;
-
-    #[test]
-    fn groups_thousands() {
-        assert_eq!(grouped(0), "0");
-        assert_eq!(grouped(999), "999");
-        assert_eq!(grouped(1000), "1,000");
-        assert_eq!(grouped(11_037_483), "11,037,483");
-    }
 
     #[test]
     fn the_json_line_is_the_last_line_and_parses() -> Result<(), Box<dyn std::error::Error>> {
