@@ -660,6 +660,42 @@ impl Fleet {
         Ok(app_ca)
     }
 
+    /// Starts two connectors of `group` (their states in `state_dirs`), has `backend`
+    /// label their requests `labels`, and waits until requests for `app_host` through
+    /// every replica reach both.
+    pub async fn start_two_connectors(
+        &self,
+        group: &GroupAccess,
+        state_dirs: [&Path; 2],
+        backend: &TrafficBackend,
+        labels: [&str; 2],
+        app_host: &str,
+        app_ca: &[u8],
+    ) -> Result<(OwnedProcess, OwnedProcess), StepError> {
+        let first = self.connector(group, state_dirs[0]).start()?;
+        let second = self.connector(group, state_dirs[1]).start()?;
+        backend.watch(&first, labels[0]);
+        backend.watch(&second, labels[1]);
+        let addresses = self.addresses();
+        eventually(
+            "requests through both replicas reaching both connectors",
+            REACTION_TIMEOUT,
+            async || {
+                for address in &addresses {
+                    let answer = https_get(*address, app_host, app_ca, "/").await?;
+                    if answer.status != 200 {
+                        return Ok(None);
+                    }
+                }
+                let arrivals = backend.arrivals();
+                let from = |label: &str| arrivals.iter().any(|a| a.from.as_deref() == Some(label));
+                Ok((from(labels[0]) && from(labels[1])).then_some(()))
+            },
+        )
+        .await?;
+        Ok((first, second))
+    }
+
     /// How to start a connector of `group` dialling every replica, with its state in
     /// `state_dir`; adjust the fields, then [`ConnectorLaunch::start`].
     pub fn connector<'a>(

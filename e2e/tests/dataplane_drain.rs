@@ -7,8 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use sallyport_e2e::dataplane::{
-    Fleet, LoadOutcome, LoadTarget, REACTION_TIMEOUT, StepError, TrafficBackend, eventually,
-    https_get, run_load,
+    Fleet, LoadOutcome, LoadTarget, StepError, TrafficBackend, eventually, run_load,
 };
 use serde_json::json;
 use tokio::time::Instant;
@@ -40,28 +39,17 @@ async fn a_connector_stopped_with_sigterm_drains_without_failing_a_request() -> 
         .publish_app("app", APP_HOST, &backend.url(), "dc")
         .await?;
     let (one_state, two_state) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    let mut draining = fleet.connector(&group, one_state.path()).start()?;
-    let staying = fleet.connector(&group, two_state.path()).start()?;
-    backend.watch(&draining, "draining");
-    backend.watch(&staying, "staying");
-
+    let (mut draining, _staying) = fleet
+        .start_two_connectors(
+            &group,
+            [one_state.path(), two_state.path()],
+            &backend,
+            ["draining", "staying"],
+            APP_HOST,
+            &app_ca,
+        )
+        .await?;
     let addresses = fleet.addresses();
-    eventually(
-        "requests through both replicas reaching both connectors",
-        REACTION_TIMEOUT,
-        async || {
-            for address in &addresses {
-                let answer = https_get(*address, APP_HOST, &app_ca, "/").await?;
-                if answer.status != 200 {
-                    return Ok(None);
-                }
-            }
-            let arrivals = backend.arrivals();
-            let from = |label: &str| arrivals.iter().any(|a| a.from.as_deref() == Some(label));
-            Ok((from("draining") && from("staying")).then_some(()))
-        },
-    )
-    .await?;
 
     // Quick requests from 8 users and slow ones (1 s at the backend) from 4 more, through
     // both replicas.

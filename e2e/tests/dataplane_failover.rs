@@ -7,8 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use sallyport_e2e::dataplane::{
-    Fleet, LoadOutcome, LoadTarget, REACTION_TIMEOUT, StepError, TrafficBackend, eventually,
-    https_get, run_load,
+    Fleet, LoadOutcome, LoadTarget, StepError, TrafficBackend, eventually, https_get, run_load,
 };
 use serde_json::json;
 use tokio::time::Instant;
@@ -57,29 +56,17 @@ async fn killing_a_connector_under_load_fails_only_its_requests_in_flight() -> T
         .publish_app("app", APP_HOST, &backend.url(), "dc")
         .await?;
     let (one_state, two_state) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    let mut doomed = fleet.connector(&group, one_state.path()).start()?;
-    let survivor = fleet.connector(&group, two_state.path()).start()?;
-    backend.watch(&doomed, "doomed");
-    backend.watch(&survivor, "survivor");
-
-    // Both connectors carry requests through both replicas before anything happens.
+    let (mut doomed, _survivor) = fleet
+        .start_two_connectors(
+            &group,
+            [one_state.path(), two_state.path()],
+            &backend,
+            ["doomed", "survivor"],
+            APP_HOST,
+            &app_ca,
+        )
+        .await?;
     let addresses = fleet.addresses();
-    eventually(
-        "requests through both replicas reaching both connectors",
-        REACTION_TIMEOUT,
-        async || {
-            for address in &addresses {
-                let answer = https_get(*address, APP_HOST, &app_ca, "/").await?;
-                if answer.status != 200 {
-                    return Ok(None);
-                }
-            }
-            let arrivals = backend.arrivals();
-            let from = |label: &str| arrivals.iter().any(|a| a.from.as_deref() == Some(label));
-            Ok((from("doomed") && from("survivor")).then_some(()))
-        },
-    )
-    .await?;
 
     let targets: Vec<LoadTarget> = addresses
         .iter()
