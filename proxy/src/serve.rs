@@ -176,23 +176,24 @@ impl Proxy {
     pub async fn notify_connectors(&self) {
         let config = self.config.load_full();
         let replicas = self.replicas.borrow().clone();
+        // Each group's slice is hashed once, not once per tunnel.
+        let versions: std::collections::HashMap<&str, String> = config
+            .connector_groups
+            .iter()
+            .map(|group| (group.id.as_str(), slice_version(&config, &group.id)))
+            .collect();
         self.pool
-            .notify_all(|identity| self.notice_for(&config, &replicas, identity))
+            .notify_all(|identity| {
+                let version = versions
+                    .get(identity.group_id().as_str())
+                    .cloned()
+                    .unwrap_or_default();
+                self.notice(&replicas, version)
+            })
             .await;
     }
 
-    fn notice_for(
-        &self,
-        config: &FleetConfig,
-        replicas: &[String],
-        identity: &ConnectorIdentity,
-    ) -> FleetNotice {
-        let config_version = config
-            .group_slice(&identity.group_id())
-            .ok()
-            .flatten()
-            .map(|slice| slice.version)
-            .unwrap_or_default();
+    fn notice(&self, replicas: &[String], config_version: String) -> FleetNotice {
         FleetNotice {
             replica: self.replica.clone(),
             replicas: if replicas.is_empty() {
@@ -323,7 +324,7 @@ impl Proxy {
             return;
         }
         let replicas = self.replicas.borrow().clone();
-        let notice = self.notice_for(&config, &replicas, &identity);
+        let notice = self.notice(&replicas, slice_version(&config, &identity.group_id()));
         let sent_version = notice.config_version.clone();
         info!(%peer, %connector, group = %identity.group_id(), "tunnel opened");
         let attach = self.pool.attach(identity.clone(), tls, notice);
@@ -363,14 +364,7 @@ impl Proxy {
         {
             return;
         }
-        let current = self
-            .config
-            .load_full()
-            .group_slice(&identity.group_id())
-            .ok()
-            .flatten()
-            .map(|slice| slice.version)
-            .unwrap_or_default();
+        let current = slice_version(&self.config.load_full(), &identity.group_id());
         if current != sent_version {
             debug!(connector = %identity.connector_id(), "configuration changed while the tunnel opened; notifying again");
             self.notify_connectors().await;
@@ -513,6 +507,16 @@ fn sign_in_unavailable(
         "This application requires sign-in, which this proxy cannot offer yet. Nothing was sent to the application.",
         request_id,
     )
+}
+
+/// The version of `group_id`'s configuration slice; empty when the group is unknown.
+fn slice_version(config: &FleetConfig, group_id: &str) -> String {
+    config
+        .group_slice(group_id)
+        .ok()
+        .flatten()
+        .map(|slice| slice.version)
+        .unwrap_or_default()
 }
 
 /// For apps whose bodies are translated: no range requests (a partial body cannot be
