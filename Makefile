@@ -31,9 +31,15 @@ unit: ## Unit and in-process tests (no control plane)
 	$(CARGO) test --workspace --exclude sallyport-e2e
 
 .PHONY: e2e
-e2e: controlplane ## End-to-end tests against a real control plane, with Sallyport's binaries as real processes
+e2e: controlplane oidc-provider ## End-to-end tests against a real control plane, with Sallyport's binaries as real processes
 	$(CARGO) build --workspace --bins
 	$(CARGO) test -p sallyport-e2e --tests
+
+.PHONY: oidc-provider
+oidc-provider: e2e/oidc-provider/node_modules/.package-lock.json ## The e2e tests' OpenID provider (npm ci, cached in ~/.npm)
+
+e2e/oidc-provider/node_modules/.package-lock.json: e2e/oidc-provider/package-lock.json
+	npm ci --prefix e2e/oidc-provider --prefer-offline --no-audit --no-fund
 
 .PHONY: lint
 lint: fmt-check clippy crds-check ## cargo fmt check, clippy -D warnings, CRDs in sync with the Rust types

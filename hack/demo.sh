@@ -6,7 +6,8 @@
 #   hack/demo.sh up     start it (idempotent) and print how to use it
 #   hack/demo.sh down   stop it and remove its state
 #
-# Sign-in (OpenID Connect) arrives with its issue; the demo app is a passthrough app.
+# The demo app is a passthrough app: sign-in needs an OpenID provider, which the e2e
+# tests bring (e2e/tests/oidc_sign_in.rs); a demo with sign-in is part of the demo issue.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

@@ -4,7 +4,10 @@
 //! The operator compiles the `PublishedApp`, `ConnectorGroup`, `ConditionalAccessPolicy`
 //! and `Connector` objects into one [`FleetConfig`]; every proxy replica watches it and
 //! swaps it in atomically. The configuration holds only *references* to Secrets
-//! (namespace, name, key), never secret material.
+//! (namespace, name, key), never secret material. The one exception is public: the CA
+//! certificates apps name in `backend.tls.caSecretRef`, which the operator reads, checks
+//! and copies into [`FleetConfig::backend_cas`] (certificates only, never keys), so that
+//! each connector receives them inlined in its group's slice ([`BackendTls::ca_pem`]).
 //!
 //! Compatibility rules:
 //!
@@ -120,6 +123,13 @@ pub struct FleetConfig {
     /// tunnels are closed and their certificates refused. Sorted, without duplicates.
     #[serde(default)]
     pub revoked_connectors: Vec<String>,
+
+    /// The CA certificates of every `backend.tls.caSecretRef` a route names, once per
+    /// Secret key, sorted by reference. Public data: [`FleetConfig::group_slice`] inlines
+    /// each into the slice of the groups whose apps use it. Empty in configurations
+    /// compiled without reading Secrets (`sallyport-operator compile`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backend_cas: Vec<BackendCaBundle>,
 }
 
 /// What the version hash covers: everything but the version itself, in a fixed order.
@@ -131,6 +141,10 @@ struct FleetContent<'a> {
     policies: &'a [Policy],
     connector_groups: &'a [ConnectorGroupConfig],
     revoked_connectors: &'a [String],
+    // Left out when empty, so a configuration without backend CAs keeps the version it
+    // had before the field existed.
+    #[serde(skip_serializing_if = "<[BackendCaBundle]>::is_empty")]
+    backend_cas: &'a [BackendCaBundle],
 }
 
 impl FleetConfig {
@@ -149,9 +163,30 @@ impl FleetConfig {
             policies,
             connector_groups,
             revoked_connectors,
+            backend_cas: Vec::new(),
         };
         config.version = config.content_version()?;
         Ok(config)
+    }
+
+    /// This configuration with `backend_cas` (the caller sorts them by reference and
+    /// lists each once) and its version recomputed.
+    pub fn with_backend_cas(
+        mut self,
+        backend_cas: Vec<BackendCaBundle>,
+    ) -> Result<Self, FleetConfigError> {
+        self.backend_cas = backend_cas;
+        self.version = self.content_version()?;
+        Ok(self)
+    }
+
+    /// The CA certificates (PEM) of the backend CA Secret key `reference`, if the
+    /// configuration carries them.
+    pub fn backend_ca(&self, reference: &SecretKeyRef) -> Option<&str> {
+        self.backend_cas
+            .iter()
+            .find(|bundle| bundle.secret_ref == *reference)
+            .map(|bundle| bundle.pem.as_str())
     }
 
     /// The version this configuration's content hashes to: lower-case hex SHA-256 of the
@@ -163,6 +198,7 @@ impl FleetConfig {
             policies: &self.policies,
             connector_groups: &self.connector_groups,
             revoked_connectors: &self.revoked_connectors,
+            backend_cas: &self.backend_cas,
         })
     }
 
@@ -178,20 +214,34 @@ impl FleetConfig {
 
     /// What the connectors of group `group_id` (`namespace/name`) need: the group's
     /// settings and, for each of its routes, the app id, internal URL and backend
-    /// settings. Nothing about other groups, users or policies. `None` when the
-    /// configuration has no such group.
+    /// settings, with the app's backend CA certificates inlined
+    /// ([`BackendTls::ca_pem`]) when the configuration carries them. Nothing about
+    /// other groups, users or policies. `None` when the configuration has no such group.
     pub fn group_slice(&self, group_id: &str) -> Result<Option<GroupSlice>, FleetConfigError> {
         let Some(group) = self.connector_groups.iter().find(|g| g.id == group_id) else {
             return Ok(None);
         };
+        let cas: std::collections::HashMap<&SecretKeyRef, &str> = self
+            .backend_cas
+            .iter()
+            .map(|bundle| (&bundle.secret_ref, bundle.pem.as_str()))
+            .collect();
         let mut apps: Vec<SliceApp> = self
             .routes
             .iter()
             .filter(|route| route.connector_group == group_id)
-            .map(|route| SliceApp {
-                app: route.app.clone(),
-                internal_url: route.internal_url.clone(),
-                backend: route.backend.clone(),
+            .map(|route| {
+                let mut backend = route.backend.clone();
+                if let Some(tls) = backend.tls.as_mut()
+                    && let Some(reference) = &tls.ca_secret_ref
+                {
+                    tls.ca_pem = cas.get(reference).map(|pem| (*pem).to_owned());
+                }
+                SliceApp {
+                    app: route.app.clone(),
+                    internal_url: route.internal_url.clone(),
+                    backend,
+                }
             })
             .collect();
         apps.sort_by(|a, b| a.app.cmp(&b.app));
@@ -391,10 +441,18 @@ pub struct Backend {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct BackendTls {
-    /// Where the PEM CA bundle is kept; absent: the connector's system trust store. The
-    /// proxy serving a slice reads it (CA certificates are not secret).
+    /// Where the app's PEM CA bundle is kept; absent: the connector's system trust store
+    /// (plus its `--backend-ca-file`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretKeyRef>,
+
+    /// The CA certificates of `ca_secret_ref` (PEM, certificates only), the only roots
+    /// the backend's certificate is verified against. Set in group slices only
+    /// ([`FleetConfig::group_slice`] copies it from [`FleetConfig::backend_cas`]);
+    /// absent in the fleet configuration's routes, and in slices of configurations
+    /// compiled without reading Secrets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
 
     /// The name verified against the backend's certificate; absent: the internal URL's
     /// host.
@@ -404,6 +462,17 @@ pub struct BackendTls {
     /// Skip verification of the backend's certificate.
     #[serde(default)]
     pub insecure_skip_verify: bool,
+}
+
+/// The CA certificates of one backend CA Secret key, as the operator read and checked
+/// them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendCaBundle {
+    /// The Secret key they were read from.
+    pub secret_ref: SecretKeyRef,
+    /// The certificates, PEM: `CERTIFICATE` blocks only, re-encoded from their DER.
+    pub pem: String,
 }
 
 /// A Secret, by namespace and name.
@@ -643,6 +712,75 @@ mod tests {
         let again = other.group_slice("infra/east").ok().flatten();
         assert_eq!(again.map(|s| s.version), Some(slice.version));
         assert!(matches!(fleet.group_slice("infra/none"), Ok(None)));
+    }
+
+    #[test]
+    fn a_slice_inlines_the_backend_cas_of_its_own_apps_only() {
+        let ca_ref = |name: &str| SecretKeyRef {
+            namespace: "team-a".to_owned(),
+            name: name.to_owned(),
+            key: "ca.crt".to_owned(),
+        };
+        let mut wiki = route("team-a/wiki", "infra/east");
+        wiki.internal_url = "https://wiki.corp.internal/".to_owned();
+        wiki.backend.tls = Some(BackendTls {
+            ca_secret_ref: Some(ca_ref("corp-ca")),
+            ca_pem: None,
+            server_name: None,
+            insecure_skip_verify: false,
+        });
+        let crm = route("team-b/crm", "infra/west");
+        let plain = config(vec![wiki, crm]);
+        assert_eq!(
+            plain
+                .clone()
+                .with_backend_cas(vec![])
+                .map(|c| c.version)
+                .ok(),
+            Some(plain.version.clone()),
+            "no backend CAs, the version of a configuration without the field"
+        );
+        let bundle = |pem: &str| BackendCaBundle {
+            secret_ref: ca_ref("corp-ca"),
+            pem: pem.to_owned(),
+        };
+        let with_ca = plain
+            .clone()
+            .with_backend_cas(vec![bundle("CA ONE")])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(with_ca.version, plain.version);
+        assert_eq!(with_ca.backend_ca(&ca_ref("corp-ca")), Some("CA ONE"));
+        assert_eq!(with_ca.backend_ca(&ca_ref("other")), None);
+        // The route keeps the reference only; the slice carries the certificates.
+        assert_eq!(
+            with_ca
+                .route("team-a/wiki")
+                .and_then(|r| r.backend.tls.clone())
+                .and_then(|t| t.ca_pem),
+            None
+        );
+        let slice = |config: &FleetConfig, group: &str| {
+            config
+                .group_slice(group)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("{group} has a slice"))
+        };
+        let east = slice(&with_ca, "infra/east");
+        let tls = east.apps[0].backend.tls.clone();
+        assert_eq!(tls.and_then(|t| t.ca_pem).as_deref(), Some("CA ONE"));
+        let west = slice(&with_ca, "infra/west");
+        let json = serde_json::to_string(&west).unwrap_or_default();
+        assert!(!json.contains("CA ONE"), "{json}");
+
+        // A changed CA changes the slice of the group using it, not the other's.
+        let rotated = plain
+            .with_backend_cas(vec![bundle("CA TWO")])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(slice(&rotated, "infra/east").version, east.version);
+        assert_eq!(slice(&rotated, "infra/west").version, west.version);
+        let back = FleetConfig::from_json(&serde_json::to_vec(&rotated).unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, rotated);
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! [`CA_KEY`] (so a connector can verify the fleet before it has a certificate).
 //! Annotations say when it was minted and expires, how many registrations it allows and
 //! how many used it.
+//!
+//! A group with a connector Deployment also has state slots (see [`STATE_SECRET_TYPE`]).
 
 /// The Secret type of registration token Secrets.
 pub const TOKEN_SECRET_TYPE: &str = "sallyport.dev/registration-token";
@@ -27,4 +29,22 @@ pub const CONNECTOR_GROUP_LABEL: &str = "sallyport.dev/connector-group";
 /// The name of the registration token Secret of the ConnectorGroup `group`.
 pub fn token_secret_name(group: &str) -> String {
     format!("{group}-registration")
+}
+
+/// The Secret type of connector state slots: Secrets `<group>-connector-state-<i>` the
+/// operator makes empty for a group's connector Deployment, in which each connector pod
+/// keeps its credentials (see [`STATE_KEY`]).
+pub const STATE_SECRET_TYPE: &str = "sallyport.dev/connector-state";
+/// The Secret key of a state slot holding the connector's state document (JSON, the same
+/// document a connector outside Kubernetes keeps on disk).
+pub const STATE_KEY: &str = "connector-state.json";
+/// The annotation of a state slot naming the pod that holds it.
+pub const STATE_HOLDER_ANNOTATION: &str = "sallyport.dev/state-holder";
+/// The annotation of a state slot saying when its holder last renewed its claim
+/// (RFC 3339).
+pub const STATE_RENEWED_AT_ANNOTATION: &str = "sallyport.dev/state-renewed-at";
+
+/// The name of state slot `index` of the ConnectorGroup `group`.
+pub fn state_secret_name(group: &str, index: usize) -> String {
+    format!("{group}-connector-state-{index}")
 }

@@ -7,6 +7,7 @@ pub mod register;
 pub mod run;
 pub mod slice;
 pub mod state;
+pub mod state_secret;
 pub mod websocket;
 
 use std::io::Write;

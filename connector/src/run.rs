@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use crate::backend::Backends;
 use crate::register::{self, FleetEndpoint, RegisterError};
 use crate::slice::{CurrentSlice, SliceError};
-use crate::state::{ConnectorState, DiskState, StateError};
+use crate::state::{ConnectorState, StateArgs, StateError, StateStore};
 
 /// How often the configuration is pulled even without a notice from the fleet.
 pub const CONFIG_POLL: Duration = Duration::from_secs(60);
@@ -62,17 +62,19 @@ pub struct FleetArgs {
     pub group: Option<String>,
 
     /// The group's bootstrap registration token; needed only until the connector has
-    /// registered (the state directory keeps its certificate).
+    /// registered (the state directory or state Secret keeps its certificate).
     #[arg(long, env = "SALLYPORT_REGISTRATION_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
+    /// How long registration is retried while the fleet is unreachable or has not
+    /// loaded the group yet (a group created moments ago); refusals (a wrong or expired
+    /// token) end it at once.
+    #[arg(long, env = "SALLYPORT_REGISTRATION_RETRY_FOR", default_value = "5m", value_parser = sallyport_service::parse_duration)]
+    pub registration_retry_for: Duration,
+
     /// Where the connector keeps its key, certificate and identity.
-    #[arg(
-        long,
-        env = "SALLYPORT_STATE_DIR",
-        default_value = "/var/lib/sallyport"
-    )]
-    pub state_dir: PathBuf,
+    #[command(flatten)]
+    pub state: StateArgs,
 
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "SALLYPORT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -128,23 +130,32 @@ pub enum RunError {
     },
     /// The saved state names another group than --group.
     #[error(
-        "the state in {dir} belongs to group {saved}, not {asked}; use another --state-dir or remove it to register anew"
+        "the state in {store} belongs to group {saved}, not {asked}; use another --state-dir (or --state-secrets) or remove it to register anew"
     )]
     OtherGroup {
-        /// The state directory.
-        dir: PathBuf,
+        /// The state file or Secret.
+        store: String,
         /// The group of the saved state.
         saved: String,
         /// The group asked for.
         asked: String,
     },
+    /// The saved registration was made with a fleet whose root CA is not the one given
+    /// now (the fleet was rebuilt): only a new registration helps.
+    #[error(
+        "the registration in {store} belongs to a fleet with another root CA than the one given; give a registration token (--token) to register anew"
+    )]
+    OtherFleet {
+        /// The state file or Secret.
+        store: String,
+    },
     /// The saved certificate expired: only a new registration helps.
     #[error(
-        "the certificate in {dir} expired on {not_after}; give a registration token (--token) to register anew"
+        "the certificate in {store} expired on {not_after}; give a registration token (--token) to register anew"
     )]
     Expired {
-        /// The state directory.
-        dir: PathBuf,
+        /// The state file or Secret.
+        store: String,
         /// When it expired.
         not_after: OffsetDateTime,
     },
@@ -191,32 +202,57 @@ impl FleetArgs {
         })
     }
 
-    /// The saved state, or a new registration when there is none (or it expired and a
-    /// token is at hand).
-    pub async fn state(&self) -> Result<ConnectorState, RunError> {
-        let store = DiskState::new(&self.state_dir);
+    /// The fleet CA given on the command line or environment (not a saved one), parsed.
+    fn given_ca(&self) -> Result<Option<Vec<rustls_pki_types::CertificateDer<'static>>>, RunError> {
+        let pem = match (&self.fleet_ca, &self.fleet_ca_file) {
+            (Some(pem), _) => pem.clone().into_bytes(),
+            (None, Some(path)) => std::fs::read(path).map_err(|source| RunError::Read {
+                path: path.clone(),
+                source,
+            })?,
+            (None, None) => return Ok(None),
+        };
+        Ok(Some(certificates_from_pem("fleet CA", &pem)?))
+    }
+
+    /// The state saved in `store`, or a new registration saved there when there is none
+    /// (or it expired and a token is at hand).
+    pub async fn state(&self, store: &StateStore) -> Result<ConnectorState, RunError> {
         let now = OffsetDateTime::now_utc();
-        if let Some(saved) = store.load()? {
+        if let Some(saved) = store.load().await? {
             if let Some(asked) = &self.group
                 && *asked != saved.group_id
             {
                 return Err(RunError::OtherGroup {
-                    dir: self.state_dir.clone(),
+                    store: store.to_string(),
                     saved: saved.group_id,
                     asked: asked.clone(),
                 });
             }
-            if !saved.expired(now) {
-                info!(connector = %saved.connector_id, group = %saved.group_id, "using the saved registration");
+            let other_fleet = self.given_ca()?.is_some_and(|given| {
+                certificates_from_pem("saved fleet CA", saved.ca_pem.as_bytes())
+                    .map_or(true, |saved| saved != given)
+            });
+            if other_fleet {
+                if self.token.is_none() {
+                    return Err(RunError::OtherFleet {
+                        store: store.to_string(),
+                    });
+                }
+                warn!(connector = %saved.connector_id, %store, "the saved registration belongs to a fleet with another root CA than the one given now; registering anew");
+            } else if !saved.expired(now) {
+                info!(connector = %saved.connector_id, group = %saved.group_id, %store, "using the saved registration");
                 return Ok(saved);
             }
-            if self.token.is_none() {
+            if !other_fleet && self.token.is_none() {
                 return Err(RunError::Expired {
-                    dir: self.state_dir.clone(),
+                    store: store.to_string(),
                     not_after: saved.not_after,
                 });
             }
-            warn!(connector = %saved.connector_id, "the saved certificate expired; registering anew");
+            if !other_fleet {
+                warn!(connector = %saved.connector_id, "the saved certificate expired; registering anew");
+            }
         }
         let group = self.group.as_deref().ok_or(RunError::Missing("--group"))?;
         let token = self
@@ -229,23 +265,29 @@ impl FleetArgs {
             .and_then(|h| h.into_string().ok())
             .unwrap_or_else(|| "connector".to_owned());
         info!(%group, fleet = %endpoint.address, %hostname, "registering with the fleet");
-        let state = register::register(&endpoint, group, token, &hostname).await?;
-        store.save(&state)?;
-        info!(connector = %state.connector_id, %group, renew_at = %state.renew_at, "registered");
+        let retry = register::RetryPolicy::for_total(self.registration_retry_for);
+        let state =
+            register::register_with_retry(&endpoint, group, token, &hostname, retry).await?;
+        store.save(&state).await?;
+        info!(connector = %state.connector_id, %group, renew_at = %state.renew_at, %store, "registered");
         Ok(state)
     }
 }
 
 /// Registers (unless already registered) and exits.
 pub async fn register_only(args: FleetArgs) -> Result<ConnectorState, RunError> {
-    args.state().await
+    let store = StateStore::open(&args.state, &CancellationToken::new()).await?;
+    let state = args.state(&store).await;
+    store.release().await;
+    state
 }
 
 /// Runs the connector until SIGTERM or SIGINT, then drains.
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let shutdown = CancellationToken::new();
     sallyport_service::cancel_on_signals(shutdown.clone());
-    let state = args.fleet.state().await?;
+    let store = StateStore::open(&args.fleet.state, &shutdown).await?;
+    let state = args.fleet.state(&store).await?;
     let endpoint = args.fleet.endpoint(Some(&state.ca_pem))?;
     let credentials = Arc::new(ArcSwap::from_pointee(state.credentials()?));
 
@@ -293,11 +335,13 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         endpoint,
         state,
         credentials,
-        DiskState::new(&args.fleet.state_dir),
+        store.clone(),
         shutdown.clone(),
     );
     let (dialed, (), ()) = tokio::join!(dialer.run(shutdown.clone()), config_loop, renew_loop);
+    store.release().await;
     dialed?;
+    store.check()?;
     info!("stopped");
     Ok(())
 }
@@ -368,7 +412,7 @@ async fn renew_certificate(
     endpoint: FleetEndpoint,
     state: Arc<ArcSwap<ConnectorState>>,
     credentials: Arc<ArcSwap<Credentials>>,
-    store: DiskState,
+    store: StateStore,
     shutdown: CancellationToken,
 ) {
     let mut retry = Duration::from_secs(1);
@@ -384,7 +428,7 @@ async fn renew_certificate(
         let renewed = async {
             let renewed = register::renew(&endpoint, &current).await?;
             let new_credentials = renewed.credentials()?;
-            store.save(&renewed)?;
+            store.save(&renewed).await?;
             Ok::<_, RunError>((renewed, new_credentials))
         };
         match renewed.await {
@@ -403,5 +447,77 @@ async fn renew_certificate(
                 retry = (retry * 2).min(MAX_RETRY);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::state::{ConnectorState, DiskState};
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        fleet: FleetArgs,
+    }
+
+    fn ca_pem(name: &str) -> String {
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let mut params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("{e}"));
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .self_signed(&key)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .pem()
+    }
+
+    #[tokio::test]
+    async fn a_saved_registration_of_another_fleet_is_not_used() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let state_dir = dir.path().join("state");
+        let saved = ConnectorState {
+            connector_id: "infra/vm-1".to_owned(),
+            group_id: "infra/east".to_owned(),
+            chain_pem: "chain".to_owned(),
+            key_pem: "key".to_owned(),
+            ca_pem: ca_pem("old fleet"),
+            not_after: OffsetDateTime::now_utc() + time::Duration::days(30),
+            renew_at: OffsetDateTime::now_utc() + time::Duration::days(20),
+        };
+        DiskState::new(&state_dir)
+            .save(&saved)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let args = |ca: &str| {
+            Command::try_parse_from([
+                "connector",
+                "--fleet-address",
+                "127.0.0.1:1",
+                &format!("--fleet-ca={ca}"),
+                "--state-dir",
+                &state_dir.display().to_string(),
+            ])
+            .unwrap_or_else(|e| panic!("{e}"))
+            .fleet
+        };
+        let store = StateStore::Disk(DiskState::new(&state_dir));
+        // The same fleet: the saved registration is used.
+        let same = args(&saved.ca_pem).state(&store).await;
+        assert_eq!(
+            same.ok().map(|s| s.connector_id),
+            Some("infra/vm-1".to_owned())
+        );
+        // A rebuilt fleet (another root CA) and no token: a clear refusal, not a connector
+        // that fails every TLS handshake for ever.
+        let other = args(&ca_pem("new fleet")).state(&store).await;
+        assert!(
+            matches!(other, Err(RunError::OtherFleet { .. })),
+            "{other:?}"
+        );
     }
 }

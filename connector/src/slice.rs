@@ -13,13 +13,16 @@
 //! WebSocket upgrades leave the pool: they open a connection of their own, with the same
 //! TLS settings but HTTP/1.1 only ([`AppBackend::http1_tls`]).
 //!
-//! **Trust.** An `https` backend is verified against the system trust store (read once,
-//! with `rustls-native-certs`, which honours `SSL_CERT_FILE` and `SSL_CERT_DIR`) plus the
-//! connector-wide extra CA bundle given to [`CurrentSlice::with_backend_ca`]. The slice
-//! names an app's own CA only by Secret reference (`backend.tls.caSecretRef`) today; until
-//! the fleet inlines that CA's PEM into the slice, such an app is verified against the
-//! same trust store (a warning says so) and gets a client of its own, so that the CA can
-//! later be added without touching other apps.
+//! **Trust.** An app whose slice entry carries its own CA certificates
+//! (`backend.tls.caPem`, which the operator reads from the app's `caSecretRef` Secret) is
+//! verified against those certificates only. Any other `https` backend is verified
+//! against the system trust store (read once, with `rustls-native-certs`, which honours
+//! `SSL_CERT_FILE` and `SSL_CERT_DIR`) plus the connector-wide extra CA bundle given to
+//! [`CurrentSlice::with_backend_ca`]. A slice that names a `caSecretRef` without its
+//! certificates (from a fleet compiled without reading Secrets, or an older operator)
+//! falls back to that trust store, with a warning naming the Secret. A new CA in the
+//! Secret arrives as a new slice version and gets a new client; apps with the same CA and
+//! `serverName` share one.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -93,6 +96,13 @@ enum AppError {
     /// `backend.tls.serverName` is not a DNS name or IP address.
     #[error("app {app}: backend.tls.serverName {name:?} is not a DNS name or IP address")]
     ServerName { app: String, name: String },
+    /// `backend.tls.caPem` is not PEM certificates rustls accepts as roots.
+    #[error("app {app}: backend.tls.caPem (from {secret}): {reason}")]
+    Ca {
+        app: String,
+        secret: String,
+        reason: String,
+    },
     /// The TLS client could not be configured.
     #[error("app {app}: backend TLS client: {source}")]
     Tls { app: String, source: rustls::Error },
@@ -328,9 +338,9 @@ pub struct Http1Tls {
 /// What distinguishes one backend TLS client from another.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 struct TlsKey {
-    /// The app's CA Secret; not read yet (see the module docs), but kept apart so the CA
-    /// can be added later without touching other apps' clients.
-    ca_secret_ref: Option<SecretKeyRef>,
+    /// The app's own CA certificates (PEM), the only roots trusted; `None`: the
+    /// connector's trust store.
+    ca_pem: Option<String>,
     /// SNI and the name verified, instead of the URL's host.
     server_name: Option<String>,
     /// Accept any certificate.
@@ -548,20 +558,26 @@ impl CurrentSlice {
             DEFAULT_BACKEND_TIMEOUT
         });
         let client = if scheme == Scheme::HTTPS {
-            let key = match &backend.tls {
-                Some(tls) => TlsKey {
-                    ca_secret_ref: tls.ca_secret_ref.clone(),
-                    server_name: tls.server_name.clone(),
-                    insecure_skip_verify: tls.insecure_skip_verify,
-                },
-                None => TlsKey::default(),
+            let (key, secret) = match backend.tls {
+                Some(tls) => (
+                    TlsKey {
+                        ca_pem: tls.ca_pem,
+                        server_name: tls.server_name,
+                        insecure_skip_verify: tls.insecure_skip_verify,
+                    },
+                    tls.ca_secret_ref,
+                ),
+                None => (TlsKey::default(), None),
             };
-            if let Some(secret) = &key.ca_secret_ref {
+            if let Some(secret) = &secret
+                && key.ca_pem.is_none()
+            {
                 warn!(
                     app = %app,
-                    secret = %format!("{}/{}", secret.namespace, secret.name),
+                    secret = %secret_name(secret),
                     key = %secret.key,
-                    "backend.tls.caSecretRef is not delivered to connectors yet; verifying \
+                    "the slice names backend.tls.caSecretRef without its certificates \
+                     (a fleet configuration compiled without reading Secrets); verifying \
                      the backend against the system trust store and the connector's extra CAs"
                 );
             }
@@ -573,7 +589,7 @@ impl CurrentSlice {
                 None => {
                     let client = match previous.get(&key) {
                         Some(client) => client.clone(),
-                        None => self.tls_client(&app, &key)?,
+                        None => self.tls_client(&app, &key, secret.as_ref())?,
                     };
                     clients.insert(key, client.clone());
                     client
@@ -625,7 +641,38 @@ impl CurrentSlice {
             .clone()
     }
 
-    fn tls_client(&self, app: &str, key: &TlsKey) -> Result<Tagged, AppError> {
+    /// A root store of the app's own CA certificates only.
+    fn app_roots(
+        &self,
+        app: &str,
+        pem: &str,
+        secret: Option<&SecretKeyRef>,
+    ) -> Result<Arc<RootCertStore>, AppError> {
+        let ca_error = |error: TlsError| AppError::Ca {
+            app: app.to_owned(),
+            secret: secret.map_or_else(|| "the slice".to_owned(), secret_name),
+            reason: error.to_string(),
+        };
+        let certificates = certificates_from_pem("backend CA", pem.as_bytes()).map_err(ca_error)?;
+        let mut store = RootCertStore::empty();
+        for certificate in certificates {
+            store.add(certificate).map_err(|source| {
+                ca_error(TlsError::Rustls {
+                    what: "backend CA".to_owned(),
+                    source,
+                })
+            })?;
+        }
+        info!(app = %app, roots = store.len(), "backend verified against the app's own CA certificates");
+        Ok(Arc::new(store))
+    }
+
+    fn tls_client(
+        &self,
+        app: &str,
+        key: &TlsKey,
+        secret: Option<&SecretKeyRef>,
+    ) -> Result<Tagged, AppError> {
         let tls = |source| AppError::Tls {
             app: app.to_owned(),
             source,
@@ -641,9 +688,11 @@ impl CurrentSlice {
                 }))
                 .with_no_client_auth()
         } else {
-            builder
-                .with_root_certificates(self.roots())
-                .with_no_client_auth()
+            let roots = match &key.ca_pem {
+                Some(pem) => self.app_roots(app, pem, secret)?,
+                None => self.roots(),
+            };
+            builder.with_root_certificates(roots).with_no_client_auth()
         };
         let mut http1_config = config.clone();
         http1_config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -684,6 +733,11 @@ impl CurrentSlice {
             http1_tls: Some(Arc::new(http1_tls)),
         })
     }
+}
+
+/// `namespace/name` of a Secret key reference.
+fn secret_name(secret: &SecretKeyRef) -> String {
+    format!("{}/{}", secret.namespace, secret.name)
 }
 
 /// The settings every backend client shares.
@@ -851,6 +905,7 @@ mod tests {
                     "https://wiki.corp/",
                     Some(BackendTls {
                         ca_secret_ref: None,
+                        ca_pem: None,
                         server_name: Some("not a name".to_owned()),
                         insecure_skip_verify: false,
                     }),
@@ -921,6 +976,7 @@ mod tests {
         let named = |name: &str| {
             Some(BackendTls {
                 ca_secret_ref: None,
+                ca_pem: None,
                 server_name: Some(name.to_owned()),
                 insecure_skip_verify: false,
             })
@@ -953,6 +1009,161 @@ mod tests {
         assert_ne!(id("a/three"), three, "a changed setting gets a new client");
         assert_eq!(id("a/plain"), plain);
         assert_eq!(id("a/two"), None);
+    }
+
+    /// A private CA and a server configuration for `names` signed by it.
+    fn private_ca(names: &[&str]) -> (String, Arc<rustls::ServerConfig>) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
+        fn ok<T>(result: Result<T, rcgen::Error>) -> T {
+            result.unwrap_or_else(|e| panic!("{e}"))
+        }
+        let ca_key = ok(KeyPair::generate());
+        let mut ca_params = ok(CertificateParams::new(Vec::<String>::new()));
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let ca_cert = ok(ca_params.self_signed(&ca_key));
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = ok(KeyPair::generate());
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let cert = ok(CertificateParams::new(names).and_then(|p| p.signed_by(&key, &issuer)));
+        let key = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .and_then(|b| {
+                b.with_no_client_auth()
+                    .with_single_cert(vec![cert.der().clone()], key)
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        (ca_cert.pem(), Arc::new(config))
+    }
+
+    /// Serves TLS handshakes with `config` on loopback until the test ends.
+    async fn tls_server(config: Arc<rustls::ServerConfig>) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let address = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _ = acceptor.accept(tcp).await;
+                });
+            }
+        });
+        address
+    }
+
+    /// Whether the app's own-connection TLS settings complete a handshake with the
+    /// server at `address` for `host` (the internal URL's host).
+    async fn handshake(
+        current: &CurrentSlice,
+        app: &str,
+        address: std::net::SocketAddr,
+        host: &str,
+    ) -> Result<(), String> {
+        let backend = current.app(app).ok_or("the app is not served")?;
+        let tls = backend.http1_tls().ok_or("the app has no TLS settings")?;
+        let name = match &tls.server_name {
+            Some(name) => name.clone(),
+            None => ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?,
+        };
+        let tcp = tokio::net::TcpStream::connect(address)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio_rustls::TlsConnector::from(tls.config.clone())
+            .connect(name, tcp)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    fn with_ca(ca_pem: Option<&str>, server_name: Option<&str>) -> Option<BackendTls> {
+        Some(BackendTls {
+            ca_secret_ref: Some(SecretKeyRef {
+                namespace: "team-a".to_owned(),
+                name: "corp-ca".to_owned(),
+                key: "ca.crt".to_owned(),
+            }),
+            ca_pem: ca_pem.map(str::to_owned),
+            server_name: server_name.map(str::to_owned),
+            insecure_skip_verify: false,
+        })
+    }
+
+    #[tokio::test]
+    async fn an_apps_own_ca_is_the_only_trust_for_its_backend() {
+        let (ca, server) = private_ca(&["backend.corp.test"]);
+        let (other_ca, _) = private_ca(&["backend.corp.test"]);
+        let address = tls_server(server).await;
+        let current = CurrentSlice::new();
+        let url = format!("https://backend.corp.test:{}/", address.port());
+        let by_ip = format!("https://127.0.0.1:{}/", address.port());
+        let taken = current.replace(slice(
+            "v1",
+            vec![
+                app("a/right", &url, with_ca(Some(&ca), None)),
+                app("a/wrong", &url, with_ca(Some(&other_ca), None)),
+                app("a/system", &url, None),
+                app("a/unresolved", &url, with_ca(None, None)),
+                app(
+                    "a/by-ip",
+                    &by_ip,
+                    with_ca(Some(&ca), Some("backend.corp.test")),
+                ),
+                app("a/by-ip-unnamed", &by_ip, with_ca(Some(&ca), None)),
+                app("a/garbage", &url, with_ca(Some("not a certificate"), None)),
+            ],
+        ));
+        assert!(taken.is_ok(), "{taken:?}");
+        assert!(
+            current.app("a/garbage").is_none(),
+            "an unusable CA skips the app"
+        );
+
+        let host = "backend.corp.test";
+        assert_eq!(handshake(&current, "a/right", address, host).await, Ok(()));
+        for refused in ["a/wrong", "a/system", "a/unresolved"] {
+            let result = handshake(&current, refused, address, host).await;
+            assert!(
+                result.as_ref().is_err_and(|e| e.contains("certificate")),
+                "{refused}: {result:?}"
+            );
+        }
+        // serverName: the certificate's name, not the internal URL's IP, is verified.
+        assert_eq!(
+            handshake(&current, "a/by-ip", address, "127.0.0.1").await,
+            Ok(())
+        );
+        let unnamed = handshake(&current, "a/by-ip-unnamed", address, "127.0.0.1").await;
+        assert!(unnamed.is_err(), "{unnamed:?}");
+
+        // A new CA in the next slice version is trusted, with a client of its own.
+        let id = |app: &str| current.app(app).map(|a| a.client_id());
+        let wrong_before = id("a/wrong");
+        let right_before = id("a/right");
+        let taken = current.replace(slice(
+            "v2",
+            vec![
+                app("a/right", &url, with_ca(Some(&ca), None)),
+                app("a/wrong", &url, with_ca(Some(&ca), None)),
+            ],
+        ));
+        assert!(taken.is_ok(), "{taken:?}");
+        assert_eq!(handshake(&current, "a/wrong", address, host).await, Ok(()));
+        assert_ne!(id("a/wrong"), wrong_before);
+        assert_eq!(
+            id("a/right"),
+            right_before,
+            "an unchanged CA keeps its client"
+        );
+        assert_eq!(
+            id("a/wrong"),
+            id("a/right"),
+            "the same CA and serverName share a client"
+        );
     }
 
     #[test]

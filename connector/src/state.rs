@@ -1,22 +1,32 @@
 //! What a connector keeps across restarts so it does not register anew: its identity,
 //! certificate chain, private key, the fleet's root CA and when to renew.
 //!
-//! Everything lives in one file, [`STATE_FILE`], in the state directory, readable by the
-//! connector's user only (mode 0600, directory 0700). One file, replaced atomically
-//! (written to a temporary file, flushed, renamed over the old one), means a crash never
-//! leaves a key beside a certificate it does not belong to.
+//! It is kept in one of two [`StateStore`]s:
+//!
+//! - **On disk** (standalone, [`DiskState`]): one file, [`STATE_FILE`], in the state
+//!   directory, readable by the connector's user only (mode 0600, directory 0700). One
+//!   file, replaced atomically (written to a temporary file, flushed, renamed over the old
+//!   one), means a crash never leaves a key beside a certificate it does not belong to.
+//! - **In a Secret** (in a cluster, [`SecretState`]): the same document in one of the
+//!   group's state slot Secrets, claimed by the pod; see [`crate::state_secret`].
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Args;
 
 use rustls_pki_types::CertificateDer;
 use sallyport_tunnel::ConnectorIdentity;
 use sallyport_tunnel::tls::{Credentials, TlsError, certificates_from_pem};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
+
+use crate::state_secret::{SecretState, SecretStateError};
 
 /// The state file's name inside the state directory.
 pub const STATE_FILE: &str = "connector-state.json";
@@ -127,6 +137,128 @@ pub enum StateError {
     /// The state could not be serialized.
     #[error("cannot serialize the connector state: {0}")]
     Serialize(#[source] serde_json::Error),
+    /// The state Secret could not be claimed, read or written.
+    #[error(transparent)]
+    Secret(#[from] SecretStateError),
+}
+
+/// Where the connector keeps its state: the flags shared by `run` and `register`.
+#[derive(Debug, Args, Clone)]
+pub struct StateArgs {
+    /// Where the connector keeps its key, certificate and identity (outside Kubernetes):
+    /// the file `connector-state.json` in this directory, mode 0600.
+    #[arg(
+        long,
+        env = "SALLYPORT_STATE_DIR",
+        default_value = "/var/lib/sallyport"
+    )]
+    pub state_dir: PathBuf,
+
+    /// In Kubernetes, instead of --state-dir: keep the state in one of these Secrets
+    /// ("state slots", comma-separated), which the operator makes for a ConnectorGroup's
+    /// connector Deployment and sets here. The connector claims a free slot (its own
+    /// after a restart; else one with credentials, whose identity it reuses; else an empty
+    /// one, which it registers into), renews the claim while it runs and releases it when
+    /// it stops. Needs get and patch on exactly these Secrets (in-cluster ServiceAccount or
+    /// KUBECONFIG).
+    #[arg(
+        long,
+        env = "SALLYPORT_STATE_SECRETS",
+        value_delimiter = ',',
+        value_name = "SECRET,...",
+        conflicts_with = "state_dir"
+    )]
+    pub state_secrets: Vec<String>,
+
+    /// With --state-secrets: the name this connector claims a slot under, its pod name
+    /// (downward API). A restarted container with the same name takes its slot back at
+    /// once. Defaults to the host name, which is the pod name in Kubernetes.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// With --state-secrets: the namespace of the Secrets. Defaults to the namespace of
+    /// the in-cluster ServiceAccount or of the KUBECONFIG context.
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+}
+
+/// Where the state is kept: a directory, or a claimed state Secret.
+#[derive(Debug, Clone)]
+pub enum StateStore {
+    /// The state file in a directory (standalone).
+    Disk(DiskState),
+    /// A claimed state slot Secret (in a cluster).
+    Secret(Arc<SecretState>),
+}
+
+impl StateStore {
+    /// The store `args` ask for. With state Secrets this claims a slot, waiting while all
+    /// are held by live pods (until `shutdown`), and keeps the claim until
+    /// [`StateStore::release`]; losing the claim later cancels `shutdown`.
+    pub async fn open(args: &StateArgs, shutdown: &CancellationToken) -> Result<Self, StateError> {
+        if args.state_secrets.is_empty() {
+            return Ok(Self::Disk(DiskState::new(&args.state_dir)));
+        }
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| SecretStateError::Client(Box::new(e)))?;
+        let namespace = args
+            .pod_namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        let pod = args
+            .pod_name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .or_else(|| hostname::get().ok().and_then(|h| h.into_string().ok()))
+            .unwrap_or_else(|| "connector".to_owned());
+        let claimed =
+            SecretState::claim(client, &namespace, &args.state_secrets, &pod, shutdown).await?;
+        Ok(Self::Secret(claimed))
+    }
+
+    /// The saved state; `None` when nothing was registered into this store yet.
+    pub async fn load(&self) -> Result<Option<ConnectorState>, StateError> {
+        match self {
+            Self::Disk(disk) => disk.load(),
+            Self::Secret(secret) => Ok(secret.load().await?),
+        }
+    }
+
+    /// Saves `state`, replacing what was saved before.
+    pub async fn save(&self, state: &ConnectorState) -> Result<(), StateError> {
+        match self {
+            Self::Disk(disk) => disk.save(state),
+            Self::Secret(secret) => Ok(secret.save(state).await?),
+        }
+    }
+
+    /// Lets go of the store when the connector stops cleanly: a state Secret is released
+    /// for the next pod, credentials kept.
+    pub async fn release(&self) {
+        if let Self::Secret(secret) = self {
+            secret.release().await;
+        }
+    }
+
+    /// An error when the store was taken away while the connector ran (a state Secret
+    /// another pod claimed after this one's claim lapsed).
+    pub fn check(&self) -> Result<(), StateError> {
+        match self {
+            Self::Secret(secret) => secret.lost().map_or(Ok(()), |e| Err(e.into())),
+            Self::Disk(_) => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Display for StateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Disk(disk) => write!(f, "{}", disk.path().display()),
+            Self::Secret(secret) => write!(f, "Secret {}", secret.secret()),
+        }
+    }
 }
 
 /// The connector state kept in a directory on disk.
@@ -287,6 +419,58 @@ mod tests {
     fn the_key_stays_out_of_debug_output() {
         let text = format!("{:?}", state("infra/a"));
         assert!(!text.contains("secret key"), "{text}");
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        state: StateArgs,
+    }
+
+    #[test]
+    fn state_secrets_and_a_state_dir_exclude_each_other() {
+        use clap::Parser;
+        let flags = Flags::try_parse_from([
+            "c",
+            "--state-secrets",
+            "dc-connector-state-0,dc-connector-state-1",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            flags.state.state_secrets,
+            ["dc-connector-state-0", "dc-connector-state-1"]
+        );
+        let error = Flags::try_parse_from(["c", "--state-secrets", "s-0", "--state-dir", "/x"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("cannot be used with"), "{error}");
+        let disk = Flags::try_parse_from(["c"]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(disk.state.state_secrets.is_empty());
+        assert_eq!(disk.state.state_dir, Path::new("/var/lib/sallyport"));
+    }
+
+    #[tokio::test]
+    async fn without_state_secrets_the_store_is_the_directory() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let args = StateArgs {
+            state_dir: dir.path().to_owned(),
+            state_secrets: vec![],
+            pod_name: None,
+            pod_namespace: None,
+        };
+        let store = StateStore::open(&args, &CancellationToken::new())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(store.load().await, Ok(None)));
+        store
+            .save(&state("infra/a"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(store.load().await.ok().flatten(), Some(state("infra/a")));
+        store.release().await;
+        assert!(store.check().is_ok());
+        assert!(store.to_string().ends_with(STATE_FILE), "{store}");
     }
 
     #[test]

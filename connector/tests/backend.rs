@@ -786,6 +786,7 @@ async fn https_backends_are_verified_by_server_name_and_speak_h2() -> TestResult
     let internal = format!("https://127.0.0.1:{port}/");
     let verified = BackendTls {
         ca_secret_ref: None,
+        ca_pem: None,
         server_name: Some("app.corp.test".to_owned()),
         insecure_skip_verify: false,
     };
@@ -841,6 +842,7 @@ async fn https_backends_unknown_to_the_trust_store_need_insecure_skip_verify() -
     let current = CurrentSlice::new();
     let tls = |insecure_skip_verify| BackendTls {
         ca_secret_ref: None,
+        ca_pem: None,
         server_name: Some("app.corp.test".to_owned()),
         insecure_skip_verify,
     };

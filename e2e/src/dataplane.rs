@@ -244,6 +244,27 @@ pub struct ProxyPorts {
     pub probes: SocketAddr,
 }
 
+/// nginx's `*_temp_path` directives for the modules the `nginx` binary was built with,
+/// inside `dir` (a test's directory), so that nginx writes nothing elsewhere.
+pub fn nginx_temp_paths(nginx: &Path, dir: &Path) -> Result<String, std::io::Error> {
+    let built = std::process::Command::new(nginx).arg("-V").output()?;
+    let built = String::from_utf8_lossy(&built.stderr).into_owned();
+    let mut temp_paths = format!("client_body_temp_path {0}/body;\n", dir.display());
+    for module in ["proxy", "fastcgi", "uwsgi", "scgi"] {
+        if !built.contains(&format!("--without-http_{module}_module")) {
+            temp_paths.push_str(&format!(
+                "    {module}_temp_path {}/{module};\n",
+                dir.display()
+            ));
+        }
+    }
+    Ok(temp_paths)
+}
+
+/// A PEM file in a fleet's PKI directory that, when present, proxies started there trust
+/// for identity providers (`--identity-provider-ca-file`).
+pub const IDENTITY_PROVIDER_CA_FILE: &str = "identity-provider-ca.crt";
+
 /// Starts `sallyport-proxy run` as replica `replica` of the fleet in `namespace`, with
 /// the fleet's PKI in `pki_dir` (subdirectories `tunnel-tls` and `connector-issuer`) and
 /// `tunnel_hostname` as the connectors' SNI.
@@ -284,29 +305,36 @@ pub fn start_proxy_on(
     let tunnel_tls = pki_dir.join("tunnel-tls").display().to_string();
     let issuer = pki_dir.join("connector-issuer").display().to_string();
     let kubeconfig = kubeconfig.display().to_string();
+    let mut args = vec![
+        "run",
+        "--namespace",
+        namespace,
+        "--listen",
+        &listen,
+        "--probe-address",
+        &probes,
+        "--tunnel-hostname",
+        tunnel_hostname,
+        "--tunnel-tls-dir",
+        &tunnel_tls,
+        "--connector-issuer-dir",
+        &issuer,
+        "--wait-for-tunnel",
+        "1s",
+    ];
+    // An identity provider with a test CA: see IDENTITY_PROVIDER_CA_FILE.
+    let provider_ca = pki_dir.join(IDENTITY_PROVIDER_CA_FILE);
+    let provider_ca = provider_ca.display().to_string();
+    if pki_dir.join(IDENTITY_PROVIDER_CA_FILE).is_file() {
+        args.extend(["--identity-provider-ca-file", &provider_ca]);
+    }
     let process = OwnedProcess::start(
         "sallyport-proxy",
-        &[
-            "run",
-            "--namespace",
-            namespace,
-            "--listen",
-            &listen,
-            "--probe-address",
-            &probes,
-            "--tunnel-hostname",
-            tunnel_hostname,
-            "--tunnel-tls-dir",
-            &tunnel_tls,
-            "--connector-issuer-dir",
-            &issuer,
-            "--wait-for-tunnel",
-            "1s",
-        ],
+        &args,
         &[
             ("KUBECONFIG", &kubeconfig),
             ("POD_NAME", replica),
-            ("RUST_LOG", "info,kube=warn"),
+            ("RUST_LOG", "info,kube=warn,sallyport_proxy::auth=debug"),
         ],
     )?;
     Ok(process)
@@ -850,6 +878,54 @@ impl HttpsConnection {
         }
     }
 
+    /// Waits until the connection can take a request; `false` when the server has closed
+    /// it (HTTP/1.1 `Connection: close` or an idle close, HTTP/2 GOAWAY): the next
+    /// request needs a new connection.
+    pub async fn ready(&mut self) -> bool {
+        match &mut self.sender {
+            ClientSender::Http1(sender) => sender.ready().await.is_ok(),
+            ClientSender::Http2(sender) => sender.ready().await.is_ok(),
+        }
+    }
+
+    /// Like [`HttpsConnection::send`], but tells a request that never left apart from one
+    /// that failed on the way ([`SendFailure::unsent`]).
+    pub async fn try_send(
+        &mut self,
+        mut request: Request<ClientBody>,
+    ) -> Result<Response<Incoming>, SendFailure> {
+        let failed = |error: StepError| SendFailure {
+            unsent: true,
+            error,
+        };
+        let sent = match &mut self.sender {
+            ClientSender::Http1(sender) => {
+                let host = http::HeaderValue::from_str(&self.host).map_err(|e| failed(e.into()))?;
+                request.headers_mut().insert(http::header::HOST, host);
+                sender.try_send_request(request).await
+            }
+            ClientSender::Http2(sender) => {
+                let path = request
+                    .uri()
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_owned();
+                *request.uri_mut() = format!("https://{}{path}", self.host)
+                    .parse()
+                    .map_err(|e: http::uri::InvalidUri| failed(e.into()))?;
+                sender.try_send_request(request).await
+            }
+        };
+        sent.map_err(|mut error| {
+            let handed_back = error.take_message().is_some();
+            let error = error.into_error();
+            SendFailure {
+                unsent: handed_back || never_processed(&error),
+                error: error.into(),
+            }
+        })
+    }
+
     /// Sends `request` and reads the whole answer.
     pub async fn request(&mut self, request: Request<ClientBody>) -> Result<Answer, StepError> {
         let response = self.send(request).await?;
@@ -861,6 +937,31 @@ impl HttpsConnection {
             body,
         })
     }
+}
+
+/// Why [`HttpsConnection::try_send`] got no response.
+#[derive(Debug)]
+pub struct SendFailure {
+    /// The request never reached the application: hyper handed it back because the
+    /// connection closed before it was written, or the server's HTTP/2 GOAWAY said it
+    /// was not processed ([`never_processed`]); sending it again on another connection
+    /// cannot repeat its effect, whatever its method.
+    pub unsent: bool,
+    /// What went wrong.
+    pub error: StepError,
+}
+
+/// Whether `error` is HTTP/2's word that the server never processed the stream: it lay
+/// beyond the last stream of the server's GOAWAY (or the client had the GOAWAY before it
+/// could open it), or the server refused it (RFC 9113, 8.7). Such a request may be sent
+/// again whatever its method. Read from the h2 error's debug form (`GoAway(.., Remote)`,
+/// `Reset(.., REFUSED_STREAM, Remote)`): h2 is not a dependency of the harness.
+pub fn never_processed(error: &hyper::Error) -> bool {
+    let Some(source) = std::error::Error::source(error) else {
+        return false;
+    };
+    let text = format!("{source:?}");
+    text.contains("Remote") && (text.contains("GoAway(") || text.contains("REFUSED_STREAM"))
 }
 
 /// [`https_request`] over HTTP/2 (ALPN `h2`): the host goes in `:authority`.
@@ -1485,18 +1586,7 @@ impl Nginx {
             std::fs::write(file, content)?;
         }
         std::fs::create_dir_all(&root)?;
-        // Temp paths of the modules this build has, inside the test's directory.
-        let built = std::process::Command::new(&nginx).arg("-V").output()?;
-        let built = String::from_utf8_lossy(&built.stderr).into_owned();
-        let mut temp_paths = format!("client_body_temp_path {0}/body;\n", dir.path().display());
-        for module in ["proxy", "fastcgi", "uwsgi", "scgi"] {
-            if !built.contains(&format!("--without-http_{module}_module")) {
-                temp_paths.push_str(&format!(
-                    "    {module}_temp_path {}/{module};\n",
-                    dir.path().display()
-                ));
-            }
-        }
+        let temp_paths = nginx_temp_paths(&nginx, dir.path())?;
         let address = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let config = format!(
             "daemon off;

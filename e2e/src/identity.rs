@@ -113,7 +113,25 @@ async fn service_account_kubeconfig(
         .await
         .map_err(api_error(&format!("applying {kind} {name}")))?;
     }
+    token_kubeconfig(control_plane, operator_namespace, account).await
+}
 
+/// Writes a kubeconfig that authenticates as the existing ServiceAccount `account` of
+/// `namespace`, with a one-hour token from the TokenRequest API (as a pod's projected
+/// token would be); returns its path.
+pub async fn token_kubeconfig(
+    control_plane: &ControlPlane,
+    namespace: &str,
+    account: &str,
+) -> Result<PathBuf, IdentityError> {
+    let api_error = |what: &str| {
+        let what = what.to_owned();
+        move |source| IdentityError::Api { what, source }
+    };
+    let client = control_plane
+        .client()
+        .await
+        .map_err(|e| IdentityError::Kubeconfig(e.to_string()))?;
     let request = TokenRequest {
         spec: TokenRequestSpec {
             expiration_seconds: Some(3600),
@@ -121,7 +139,7 @@ async fn service_account_kubeconfig(
         },
         ..TokenRequest::default()
     };
-    let token = Api::<ServiceAccount>::namespaced(client, operator_namespace)
+    let token = Api::<ServiceAccount>::namespaced(client, namespace)
         .create_token_request(account, &PostParams::default(), &request)
         .await
         .map_err(api_error("requesting a ServiceAccount token"))?
@@ -142,7 +160,7 @@ async fn service_account_kubeconfig(
     }
     let path = control_plane
         .kubeconfig_path()
-        .with_file_name(format!("{account}-{operator_namespace}.kubeconfig"));
+        .with_file_name(format!("{account}-{namespace}.kubeconfig"));
     let yaml =
         serde_yaml::to_string(&restricted).map_err(|e| IdentityError::Kubeconfig(e.to_string()))?;
     std::fs::write(&path, yaml)

@@ -163,6 +163,30 @@ async fn the_last_use_of_a_token_is_spent_exactly_once() -> TestResult {
         None,
         "a refusal counts nothing"
     );
+
+    // A check (for a group a proxy has not loaded yet) reads the token, spends nothing.
+    let fresh = format!("{namespace}/fresh");
+    secrets
+        .create(&pp, &token_secret("fresh", "fresh-token", 1, hour))
+        .await?;
+    for _ in 0..3 {
+        assert_eq!(reason(&first.check(&fresh, "fresh-token").await), "Ok");
+    }
+    assert_eq!(
+        uses(&secrets, "fresh").await?,
+        None,
+        "a check counts nothing"
+    );
+    assert_eq!(reason(&first.check(&fresh, "wrong").await), "TokenInvalid");
+    assert_eq!(
+        reason(&second.check(&unknown, "open-token").await),
+        "TokenInvalid"
+    );
+    assert_eq!(reason(&first.redeem(&fresh, "fresh-token").await), "Ok");
+    assert_eq!(
+        reason(&second.check(&fresh, "fresh-token").await),
+        "TokenUsedUp"
+    );
     Ok(())
 }
 

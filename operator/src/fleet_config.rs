@@ -2,16 +2,16 @@
 //! operator's namespace that every proxy replica watches (see docs/fleet-config.md).
 //!
 //! The loop here watches the controllers' caches: when any PublishedApp,
-//! ConditionalAccessPolicy, ConnectorGroup, Connector or Namespace changes, it compiles
-//! within [`POLL`] and writes the ConfigMap only when the compiled content's version differs
-//! from the one stored.
+//! ConditionalAccessPolicy, ConnectorGroup, Connector or Namespace changes, or a Secret
+//! an app names as its backend CA, it compiles within [`POLL`] and writes the ConfigMap
+//! only when the compiled content's version differs from the one stored.
 
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, Patch, PatchParams};
 use kube::core::PartialObjectMeta;
@@ -24,11 +24,12 @@ use sallyport_api::{ConditionalAccessPolicy, Connector, ConnectorGroup, Publishe
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::compile::{CompileInputs, FleetDefaults, compile};
+use crate::compile::{CompileInputs, FleetDefaults, compile_with_backend_cas};
 use crate::connector::{REVOCATIONS, Revocation};
 use crate::context::FIELD_MANAGER;
 use crate::error::Error;
 use crate::managed::{MANAGED_BY, MANAGED_BY_LABEL};
+use crate::published_app::backend_ca::{self, BackendCaCache};
 
 /// The ConfigMap holding the compiled configuration.
 pub const CONFIG_MAP: &str = "sallyport-fleet-config";
@@ -55,6 +56,9 @@ pub struct Sources {
     pub connectors: Store<Connector>,
     /// Every Namespace's metadata: labels decide `allowedNamespaces.from: Selector`.
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    /// Every Secret's metadata: a change of a backend CA Secret (its `resourceVersion`)
+    /// recompiles; its data is read only then.
+    pub secrets: Store<PartialObjectMeta<Secret>>,
 }
 
 fn fingerprint_of<K: Resource + Clone>(store: &Store<K>, hasher: &mut DefaultHasher)
@@ -83,6 +87,7 @@ impl Sources {
         fingerprint_of(&self.groups, &mut hasher);
         fingerprint_of(&self.connectors, &mut hasher);
         fingerprint_of(&self.namespaces, &mut hasher);
+        backend_ca::fingerprint(&self.apps, &self.secrets, &mut hasher);
         hasher.finish()
     }
 }
@@ -99,11 +104,13 @@ where
         .collect()
 }
 
-/// Compiles the configuration from `sources` and writes it unless the stored version is
-/// the same. Returns the version now stored.
+/// Compiles the configuration from `sources` (reading the backend CA Secrets that changed
+/// since `backend_cas` last read them) and writes it unless the stored version is the
+/// same. Returns the version now stored.
 pub async fn publish(
     client: &kube::Client,
     sources: &Sources,
+    backend_cas: &mut BackendCaCache,
     operator_namespace: &str,
     defaults: &FleetDefaults,
     stored_version: Option<&str>,
@@ -131,16 +138,23 @@ pub async fn publish(
         owned(&sources.groups),
         owned(&sources.connectors),
     );
-    let compiled = compile(&CompileInputs {
-        apps: &apps,
-        connector_groups: &groups,
-        policies: &policies,
-        connectors: &connectors,
-        namespace_labels: &namespace_labels,
-        revoked_connectors: &revoked,
-        operator_namespace,
-        defaults,
-    })
+    let wanted = backend_ca::references(&apps);
+    let cas = backend_cas
+        .resolve(client, &sources.secrets, &wanted)
+        .await?;
+    let compiled = compile_with_backend_cas(
+        &CompileInputs {
+            apps: &apps,
+            connector_groups: &groups,
+            policies: &policies,
+            connectors: &connectors,
+            namespace_labels: &namespace_labels,
+            revoked_connectors: &revoked,
+            operator_namespace,
+            defaults,
+        },
+        &cas,
+    )
     .map_err(Error::Compile)?;
     let version = compiled.config.version.clone();
     if stored_version == Some(version.as_str()) {
@@ -212,6 +226,7 @@ pub async fn run(
             sources.groups.wait_until_ready(),
             sources.connectors.wait_until_ready(),
             sources.namespaces.wait_until_ready(),
+            sources.secrets.wait_until_ready(),
         );
     };
     tokio::select! {
@@ -227,6 +242,7 @@ pub async fn run(
         }
     };
     let mut compiled_from = None;
+    let mut backend_cas = BackendCaCache::new();
     let mut last_compile = tokio::time::Instant::now();
     // After a failure, wait longer each time (up to MAX_BACKOFF) before trying again.
     let mut backoff = POLL;
@@ -238,6 +254,7 @@ pub async fn run(
             let published = publish(
                 &client,
                 &sources,
+                &mut backend_cas,
                 &operator_namespace,
                 &defaults,
                 stored.as_deref(),

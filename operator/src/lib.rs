@@ -154,9 +154,46 @@ pub struct RunArgs {
     #[arg(long, env = "SALLYPORT_PROXY_SERVICE_TYPE", default_value = "LoadBalancer", value_parser = ["LoadBalancer", "NodePort", "ClusterIP"])]
     pub proxy_service_type: String,
 
+    /// A network (CIDR, IPv4 or IPv6, e.g. `10.0.0.0/8`) of proxies in front of the
+    /// fleet, such as the cloud load balancer: the proxies believe `X-Forwarded-For`,
+    /// `-Proto` and `-Host` only from peers inside one (`--trusted-proxy` of
+    /// `sallyport-proxy run`). Repeat for several. Default: none.
+    #[arg(
+        long = "proxy-trusted-proxy",
+        env = "SALLYPORT_PROXY_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_name = "CIDR",
+        value_parser = parse_network
+    )]
+    pub proxy_trusted_proxies: Vec<String>,
+
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "SALLYPORT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+/// `text` when it is an IP network (`ADDRESS/PREFIX` or a single address), as the
+/// proxies will read it; checked here so that a typo fails the operator, not its fleet.
+fn parse_network(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let (address, prefix) = match text.split_once('/') {
+        Some((address, prefix)) => (address, Some(prefix)),
+        None => (text, None),
+    };
+    let max = match address.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => 32,
+        Ok(std::net::IpAddr::V6(_)) => 128,
+        Err(_) => return Err(format!("{text:?} is not an IP network (ADDRESS/PREFIX)")),
+    };
+    match prefix {
+        Some(prefix)
+            if !prefix.bytes().all(|b| b.is_ascii_digit())
+                || prefix.parse::<u8>().map_or(true, |p| p > max) =>
+        {
+            Err(format!("{text:?}: the prefix length must be 0 to {max}"))
+        }
+        _ => Ok(text.to_owned()),
+    }
 }
 
 impl RunArgs {
@@ -199,6 +236,7 @@ impl RunArgs {
                 replicas: self.proxy_replicas,
                 service_type: self.proxy_service_type.clone(),
                 tunnel_hostnames: tunnel_hostnames.clone(),
+                trusted_proxies: self.proxy_trusted_proxies.clone(),
             },
             pki: pki::PkiSettings {
                 namespace: self.namespace.clone(),
@@ -330,6 +368,32 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    #[test]
+    fn trusted_proxies_are_checked_and_reach_the_fleet_settings() {
+        let cli = Cli::parse_from([
+            "sallyport-operator",
+            "run",
+            "--proxy-trusted-proxy",
+            "10.0.0.0/8,fd00::/8",
+            "--proxy-trusted-proxy",
+            "192.0.2.7",
+        ]);
+        let Some(Command::Run(args)) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(
+            args.config().fleet.trusted_proxies,
+            ["10.0.0.0/8", "fd00::/8", "192.0.2.7"]
+        );
+        for bad in ["10.0.0.0/33", "lb.example.com", "::/x", "10.0.0/8"] {
+            assert!(
+                Cli::try_parse_from(["sallyport-operator", "run", "--proxy-trusted-proxy", bad])
+                    .is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -2,6 +2,12 @@
 //! where apps, groups and their Secrets live in any namespace, and only in its own
 //! namespace for the Lease, the fleet's objects and the fleet configuration.
 //!
+//! Each ConnectorGroup with a Deployment gets a ServiceAccount, Role and RoleBinding of its
+//! own (made by the operator, see `connector_group::build::connector_role`): get and patch
+//! on its state slot Secrets by name, nothing else. The operator may grant that because
+//! it holds get and patch on Secrets itself (Kubernetes refuses to let anyone grant what
+//! it does not hold, and the operator has neither `bind` nor `escalate`).
+//!
 //! The proxy fleet's ServiceAccount `sallyport-proxy` (which the operator creates with
 //! the fleet) gets its own, smaller set: read the fleet configuration and the Secrets
 //! apps reference, count registration token uses, record Connectors, and keep its
@@ -29,7 +35,8 @@ fn rule(api_group: &str, resources: &[&str], verbs: &[&str]) -> PolicyRule {
 }
 
 /// The cluster-wide rules: read the Sallyport API and write its status; manage Connector
-/// finalizers and expiry; the registration token Secrets and connector Deployments of
+/// finalizers and expiry; the registration token and state slot Secrets, connector
+/// Deployments, and the connectors' ServiceAccounts, Roles and RoleBindings of
 /// ConnectorGroups in any namespace; read Secrets apps reference and namespace labels;
 /// publish Events.
 pub fn cluster_rules() -> Vec<PolicyRule> {
@@ -65,13 +72,23 @@ pub fn cluster_rules() -> Vec<PolicyRule> {
             &["deployments"],
             &["get", "list", "watch", "create", "patch", "delete"],
         ),
+        rule(
+            "",
+            &["serviceaccounts"],
+            &["get", "list", "create", "patch", "delete"],
+        ),
+        rule(
+            "rbac.authorization.k8s.io",
+            &["roles", "rolebindings"],
+            &["get", "list", "create", "patch", "delete"],
+        ),
         rule("events.k8s.io", &["events"], &["create", "patch"]),
     ]
 }
 
 /// The rules in the operator's own namespace: the leader Lease, the fleet configuration
-/// and revocation ConfigMaps, and the proxy fleet's ServiceAccount, Service and
-/// PodDisruptionBudget.
+/// and revocation ConfigMaps, and the proxy fleet's Service and PodDisruptionBudget (its
+/// ServiceAccount falls under the cluster-wide rules).
 pub fn namespace_rules() -> Vec<PolicyRule> {
     vec![
         rule(
@@ -80,11 +97,7 @@ pub fn namespace_rules() -> Vec<PolicyRule> {
             &["get", "create", "update"],
         ),
         rule("", &["configmaps"], &["get", "create", "patch"]),
-        rule(
-            "",
-            &["serviceaccounts", "services"],
-            &["get", "create", "patch"],
-        ),
+        rule("", &["services"], &["get", "create", "patch"]),
         rule(
             "policy",
             &["poddisruptionbudgets"],
@@ -234,6 +247,8 @@ mod tests {
 
     #[test]
     fn no_rule_grants_wildcards_or_escalation() {
+        // RBAC objects only as Roles and RoleBindings (the connectors' own), never
+        // cluster-wide ones.
         let all = [
             cluster_rules(),
             namespace_rules(),
@@ -253,12 +268,37 @@ mod tests {
                 "{rule:?}"
             );
             assert!(
-                !rule
-                    .api_groups
-                    .iter()
-                    .flatten()
-                    .any(|g| g == "*" || g == "rbac.authorization.k8s.io"),
+                !rule.api_groups.iter().flatten().any(|g| g == "*"),
                 "{rule:?}"
+            );
+            if rule
+                .api_groups
+                .iter()
+                .flatten()
+                .any(|g| g == "rbac.authorization.k8s.io")
+            {
+                assert_eq!(
+                    rule.resources.as_deref(),
+                    Some(&["roles".to_owned(), "rolebindings".to_owned()][..])
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_operator_holds_what_it_grants_connectors() {
+        // Kubernetes lets the operator create the connectors' Roles and RoleBindings only
+        // when it holds every verb they grant (it has neither bind nor escalate).
+        let cluster = cluster_rules();
+        for verb in crate::connector_group::build::STATE_SLOT_VERBS {
+            assert!(
+                cluster.iter().any(|r| {
+                    r.api_groups.iter().flatten().any(|g| g.is_empty())
+                        && r.resources.iter().flatten().any(|x| x == "secrets")
+                        && r.verbs.iter().any(|v| v == verb)
+                        && r.resource_names.is_none()
+                }),
+                "the operator lacks {verb} on secrets"
             );
         }
     }

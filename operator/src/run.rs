@@ -257,7 +257,8 @@ async fn run_controllers(
                     .collect::<Vec<_>>()
             },
         );
-        // A Secret change re-reconciles the apps that use it (TLS or OIDC client secret).
+        // A Secret change re-reconciles the apps that use it (TLS, OIDC client secret or
+        // backend CA).
         let store = apps.clone();
         // Metadata only: the operator reads a Secret's data when it reconciles an app.
         let secrets = Api::<PartialObjectMeta<Secret>>::all(client.clone());
@@ -279,7 +280,14 @@ async fn run_controllers(
                             .as_ref()
                             .and_then(|o| o.client_secret_ref.as_ref())
                             .is_some_and(|r| r.name == name);
-                        (app.namespace() == namespace && (own_tls || client_secret))
+                        let backend_ca = app
+                            .spec
+                            .backend
+                            .tls
+                            .as_ref()
+                            .and_then(|t| t.ca_secret_ref.as_ref())
+                            .is_some_and(|r| r.name == name);
+                        (app.namespace() == namespace && (own_tls || client_secret || backend_ca))
                             || (is_default_tls && app.spec.tls.is_none())
                     })
                     .map(|app| ObjectRef::from_obj(&*app))
@@ -336,7 +344,9 @@ async fn run_controllers(
         managed,
         |secret| {
             let group = secret.labels().get(CONNECTOR_GROUP_LABEL).cloned();
+            // State slots change whenever a connector renews its claim: no reconcile.
             group
+                .filter(|group| !connector_group::build::is_state_slot(group, &secret.name_any()))
                 .map(|group| ObjectRef::new(&group).within(&secret.namespace().unwrap_or_default()))
         },
     )
@@ -480,6 +490,23 @@ async fn run_controllers(
             warn!(%error, "namespace watch failed; retrying");
         }
     });
+    // Secrets' metadata (without managed fields): a backend CA Secret's change recompiles.
+    let (secrets_cache, secrets_writer) = reflector::store();
+    let secrets_done = watcher(
+        Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+        WatcherConfig::default(),
+    )
+    .default_backoff()
+    .modify(|secret| {
+        secret.managed_fields_mut().clear();
+    })
+    .reflect(secrets_writer)
+    .take_until(shutdown.clone().cancelled_owned())
+    .for_each(|event| async move {
+        if let Err(error) = event {
+            warn!(%error, "secret metadata watch failed; retrying");
+        }
+    });
     // The compiled configuration follows every change of the caches.
     let config_done = fleet_config::run(
         client.clone(),
@@ -489,6 +516,7 @@ async fn run_controllers(
             groups: groups_cache.clone(),
             connectors: connectors_cache.clone(),
             namespaces: namespaces_cache,
+            secrets: secrets_cache,
         },
         config.operator_namespace.clone(),
         config.fleet_defaults.clone(),
@@ -503,7 +531,8 @@ async fn run_controllers(
             pki_done,
             caches_synced,
             config_done,
-            namespaces_done
+            namespaces_done,
+            secrets_done
         );
     };
     tokio::select! {

@@ -59,6 +59,40 @@ pub enum AppTlsError {
 }
 
 impl SecretSource {
+    /// The bytes of `key` in Secret `namespace`/`name` (standalone: the file
+    /// `<dir>/<namespace>/<name>/<key>`).
+    pub async fn read_key(
+        &self,
+        namespace: &str,
+        name: &str,
+        key: &str,
+    ) -> Result<Vec<u8>, AppTlsError> {
+        let read = |reason: String| AppTlsError::Read {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            reason,
+        };
+        match self {
+            Self::Cluster(client) => {
+                let found = Api::<Secret>::namespaced(client.clone(), namespace)
+                    .get_opt(name)
+                    .await
+                    .map_err(|e| read(e.to_string()))?
+                    .ok_or_else(|| read("not found".to_owned()))?;
+                found
+                    .data
+                    .unwrap_or_default()
+                    .remove(key)
+                    .map(|bytes| bytes.0)
+                    .ok_or_else(|| read(format!("no key {key}")))
+            }
+            Self::Dir(dir) => {
+                let path = dir.join(namespace).join(name).join(key);
+                std::fs::read(&path).map_err(|e| read(format!("{}: {e}", path.display())))
+            }
+        }
+    }
+
     /// The certificate and key of `secret`.
     pub async fn certified_key(
         &self,

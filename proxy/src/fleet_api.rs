@@ -10,9 +10,17 @@
 //!
 //! Every error is a JSON [`ApiError`]: 400 malformed request or CSR, 401 missing or bad
 //! token or certificate, 403 revoked connector or removed group, 404 unknown path, 405
-//! wrong method, 413 too large, 500 the fleet's own failure. An unknown group is
-//! answered like a wrong token, so an unauthenticated caller learns nothing about which
-//! groups exist.
+//! wrong method, 413 too large, 500 the fleet's own failure, 503 (with `Retry-After`) a
+//! group this proxy has not loaded yet. An unknown group is answered like a wrong token,
+//! so an unauthenticated caller learns nothing about which groups exist.
+//!
+//! **A group not loaded yet.** The operator mints a group's token before the compiled
+//! configuration holding the group reaches the proxies, so a connector started right
+//! after its group may ask for a group this proxy does not know yet. Its token is then
+//! checked without spending a use ([`Registry::check`]): a valid one gets 503
+//! `GroupNotLoaded` with [`Retry-After`](RETRY_AFTER) (the connector retries), anything
+//! else the 401 of a wrong token. Only a caller already holding the group's token learns
+//! that the group exists.
 //!
 //! Registration checks the request and its CSR *before* spending a use of the token, so
 //! a malformed request never costs a use.
@@ -28,6 +36,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{
     ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, ETAG, IF_NONE_MATCH,
+    RETRY_AFTER as RETRY_AFTER_HEADER,
 };
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -66,6 +75,10 @@ pub const MAX_TOKEN_LEN: usize = 1024;
 
 /// The tracing target of registration, renewal and refusal events.
 pub const AUDIT_TARGET: &str = "sallyport::audit";
+
+/// The `Retry-After` (seconds) of a registration for a group this proxy has not loaded
+/// yet: the compiled configuration usually follows the token within a second or two.
+pub const RETRY_AFTER: u64 = 2;
 
 /// The address of the caller; the listener puts it in the request's extensions so that
 /// the audit events can name the client.
@@ -146,6 +159,8 @@ struct Refusal {
     reason: String,
     message: String,
     detail: Option<String>,
+    /// Seconds after which the caller may try again (`Retry-After`).
+    retry_after: Option<u64>,
 }
 
 impl Refusal {
@@ -155,7 +170,22 @@ impl Refusal {
             reason: reason.to_owned(),
             message: message.into(),
             detail: None,
+            retry_after: None,
         }
+    }
+
+    /// A valid token for a group this proxy's configuration does not hold yet.
+    fn group_not_loaded(group: &str) -> Self {
+        let mut refusal = Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "GroupNotLoaded",
+            format!(
+                "the fleet has not loaded group {group} yet (its configuration is on the way); \
+                 retry in {RETRY_AFTER} s"
+            ),
+        );
+        refusal.retry_after = Some(RETRY_AFTER);
+        refusal
     }
 
     fn detail(mut self, detail: impl Into<String>) -> Self {
@@ -227,7 +257,13 @@ impl Refusal {
             reason: self.reason,
             message: self.message,
         };
-        json_response(self.status, &body)
+        let mut response = json_response(self.status, &body);
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER_HEADER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
@@ -397,7 +433,20 @@ impl FleetApi {
                 group,
                 connector,
             } = &audit;
-            if refusal.status.is_server_error() {
+            if refusal.retry_after.is_some() {
+                info!(
+                    target: AUDIT_TARGET,
+                    event = route.event(),
+                    outcome = "deferred",
+                    reason = %refusal.reason,
+                    group = group.as_deref(),
+                    connector = connector.as_deref(),
+                    client = client.as_deref(),
+                    retry_after = refusal.retry_after,
+                    detail = refusal.detail.as_deref().unwrap_or(&refusal.message),
+                    "fleet API request deferred"
+                );
+            } else if refusal.status.is_server_error() {
                 error!(
                     target: AUDIT_TARGET,
                     event = route.event(),
@@ -459,7 +508,7 @@ impl FleetApi {
             })
         };
         let Some(group) = config.connector_groups.iter().find(|g| g.id == body.group) else {
-            return Err(unknown_group("the group is not in the fleet configuration"));
+            return Err(self.group_not_in_configuration(&body.group, &token).await);
         };
         let Some((namespace, group_name)) = split_group_id(&group.id) else {
             return Err(unknown_group("the group id is not namespace/name"));
@@ -541,6 +590,31 @@ impl FleetApi {
             "connector certificate renewed"
         );
         Ok(json_response(StatusCode::OK, &response))
+    }
+
+    /// The answer to a registration for `group_id`, which this proxy's configuration does
+    /// not hold: 503 with `Retry-After` when `token` is valid for the group (checked without
+    /// spending a use), else the 401 of a wrong token.
+    async fn group_not_in_configuration(&self, group_id: &str, token: &str) -> Refusal {
+        let unknown = |detail: String| {
+            Refusal::from_registry(&RegistrationError::TokenInvalid {
+                group: group_id.to_owned(),
+                detail,
+            })
+        };
+        if split_group_id(group_id).is_none() {
+            return unknown("the group id is not namespace/name".to_owned());
+        }
+        match self.registry.check(group_id, token).await {
+            Ok(()) => Refusal::group_not_loaded(group_id).detail(format!(
+                "the token is valid but group {group_id} is not in fleet configuration {}",
+                self.config.load().version
+            )),
+            Err(error @ RegistrationError::Backend { .. }) => Refusal::from_registry(&error),
+            Err(error) => unknown(format!(
+                "the group is not in the fleet configuration ({error})"
+            )),
+        }
     }
 
     fn config_slice<B>(
@@ -854,6 +928,83 @@ mod tests {
         assert!(response.connector.starts_with("infra/vm-1-"));
         assert_eq!(registry.uses("infra/east"), 1);
         assert!(registry.record_of(&response.connector).is_some());
+    }
+
+    #[tokio::test]
+    async fn a_valid_token_for_a_group_not_loaded_yet_is_told_to_retry() {
+        let registry = Arc::new(MemoryRegistry::new(vec![StaticToken {
+            group_id: "infra/new".to_owned(),
+            token: "new-token".to_owned(),
+            expires_at: None,
+            max_uses: 1,
+        }]));
+        let config = Arc::new(ArcSwap::from_pointee(ok(FleetConfig::new(
+            vec![],
+            vec![],
+            vec![group("infra/east")],
+            vec![],
+        ))));
+        let api = FleetApi::new(
+            Arc::new(ArcSwap::from_pointee(test_issuer())),
+            registry.clone(),
+            config.clone(),
+        );
+        let register = |group: &str, token: &str| {
+            let bearer = format!("Bearer {token}");
+            request(
+                Method::POST,
+                REGISTER_PATH,
+                &[("authorization", bearer.as_str())],
+                &register_body(group, &csr()),
+            )
+        };
+
+        // The token is valid, the group not loaded: come back, and no use is spent.
+        for _ in 0..2 {
+            let (status, headers, body) =
+                answer(&api, register("infra/new", "new-token"), None).await;
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            let error: ApiError = ok(serde_json::from_slice(&body));
+            assert_eq!(error.reason, "GroupNotLoaded");
+            assert!(
+                error
+                    .message
+                    .contains("the fleet has not loaded group infra/new yet"),
+                "{}",
+                error.message
+            );
+            assert_eq!(
+                headers
+                    .get(RETRY_AFTER_HEADER)
+                    .and_then(|v| v.to_str().ok()),
+                Some("2")
+            );
+        }
+        assert_eq!(registry.uses("infra/new"), 0);
+
+        // Anyone without the token learns nothing: the answer of an unknown group.
+        let (status, headers, wrong) = answer(&api, register("infra/new", "guess"), None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(headers.get(RETRY_AFTER_HEADER).is_none());
+        let (_, _, unknown) = answer(&api, register("infra/none", "guess"), None).await;
+        assert_eq!(wrong, unknown);
+        assert_eq!(reason(&wrong), "TokenInvalid");
+        let (status, _, body) = answer(&api, register("not-a-group", "new-token"), None).await;
+        assert_eq!(
+            (status, reason(&body).as_str()),
+            (StatusCode::UNAUTHORIZED, "TokenInvalid")
+        );
+
+        // Once the configuration holds the group, the same token registers.
+        config.store(Arc::new(ok(FleetConfig::new(
+            vec![],
+            vec![],
+            vec![group("infra/east"), group("infra/new")],
+            vec![],
+        ))));
+        let (status, _, body) = answer(&api, register("infra/new", "new-token"), None).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(registry.uses("infra/new"), 1);
     }
 
     #[tokio::test]

@@ -29,9 +29,17 @@
 //!
 //! **Order.** Call [`to_tunnel_request`] *before* adding identity headers: a client may
 //! name any header in `Connection`, and such headers are removed here.
+//!
+//! **Cost.** Both directions run on every request: what depends only on the route (its
+//! internal URL split, the app header) is worked out once per configuration version
+//! ([`PreparedRoute`], kept by the [`Router`](crate::router::Router)), and what depends
+//! on the client's address once per request ([`ClientInfo`], see [`client`]).
+
+mod client;
+
+pub use client::{ClientInfo, IpNetwork, NetworkError, TrustedProxies};
 
 use std::cell::RefCell;
-use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use bytes::Bytes;
@@ -41,16 +49,6 @@ use sallyport_api::fleet_config::Route;
 use sallyport_tunnel::wire::{APP_HEADER, REQUEST_ID_HEADER};
 
 use crate::router::normalize_path;
-
-/// Who sent a request, as the proxy's listener saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientInfo {
-    /// The IP address of the TCP peer.
-    pub peer_ip: IpAddr,
-    /// True when the peer is a proxy the fleet trusts (a load balancer in front of it):
-    /// only then are the client's forwarding headers kept and extended.
-    pub via_trusted_proxy: bool,
-}
 
 /// A request cannot be forwarded to its app.
 #[derive(Debug, thiserror::Error)]
@@ -174,19 +172,32 @@ pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
 
 /// `request`, addressed to `route`'s internal URL and shaped for the tunnel: see the
 /// module documentation. `request_id` becomes [`REQUEST_ID_HEADER`].
-pub fn to_tunnel_request<B>(
-    route: &Route,
+pub fn to_tunnel_request<R, B>(
+    forward_route: &R,
     request: Request<B>,
     client: &ClientInfo,
     request_id: &str,
-) -> Result<Request<B>, ForwardError> {
-    let internal =
-        InternalUrl::parse(&route.internal_url).ok_or_else(|| ForwardError::InternalUrl {
+) -> Result<Request<B>, ForwardError>
+where
+    R: ForwardRoute + ?Sized,
+{
+    let route = forward_route.route();
+    let internal = forward_route
+        .internal_url()
+        .ok_or_else(|| ForwardError::InternalUrl {
             app: route.app.clone(),
             url: route.internal_url.clone(),
         })?;
     let (target, host) = internal_target(route, &internal, request.uri())?;
+    let app = forward_route
+        .app_header()
+        .ok_or_else(|| ForwardError::HeaderValue {
+            app: route.app.clone(),
+            header: APP_HEADER,
+            value: route.app.clone(),
+        })?;
     let external_host = external_host(&request);
+    let request_id = header_value(route, REQUEST_ID_HEADER, request_id)?;
 
     let (mut parts, body) = request.into_parts();
     parts.uri = target;
@@ -202,14 +213,74 @@ pub fn to_tunnel_request<B>(
             headers.remove(name);
         }
     }
+    // The headers set below, at once: one growth of the map instead of several.
+    headers.reserve(ADDED_HEADERS);
     set_forwarding(headers, client, external_host);
     headers.insert(header::HOST, host_header(route, host));
-    headers.insert(APP, header_value(route, APP_HEADER, &route.app)?);
-    headers.insert(
-        REQUEST_ID,
-        header_value(route, REQUEST_ID_HEADER, request_id)?,
-    );
+    headers.insert(APP, app);
+    headers.insert(REQUEST_ID, request_id);
     Ok(Request::from_parts(parts, body))
+}
+
+/// How many headers [`to_tunnel_request`] may add: `X-Forwarded-For`, `-Proto`,
+/// `-Host`, `Forwarded`, `Host`, the app and the request id.
+const ADDED_HEADERS: usize = 7;
+
+/// A route as forwarding sees it: the configuration's [`Route`] and its internal URL,
+/// split once per configuration version ([`AppRoute`](crate::router::AppRoute), what
+/// the router hands out) or on the spot (a bare `Route`).
+pub trait ForwardRoute {
+    /// The route.
+    fn route(&self) -> &Route;
+    /// The route's internal URL, split; `None` when it cannot be used as a request
+    /// target (see [`InternalUrl::parse`]).
+    fn internal_url(&self) -> Option<InternalUrl<'_>>;
+    /// The route's app id as the value of [`APP_HEADER`]; `None` when it cannot be one.
+    fn app_header(&self) -> Option<HeaderValue>;
+}
+
+impl ForwardRoute for Route {
+    fn route(&self) -> &Route {
+        self
+    }
+
+    fn internal_url(&self) -> Option<InternalUrl<'_>> {
+        InternalUrl::parse(&self.internal_url)
+    }
+
+    fn app_header(&self) -> Option<HeaderValue> {
+        HeaderValue::from_str(&self.app).ok()
+    }
+}
+
+/// What forwarding needs of one route and can work out ahead of its requests: where
+/// the parts of its internal URL are, and its app header.
+#[derive(Debug, Clone)]
+pub struct PreparedRoute {
+    internal: Option<InternalSpans>,
+    app: Option<HeaderValue>,
+}
+
+impl PreparedRoute {
+    /// Prepares `route`. A route whose internal URL or app id is unusable is prepared
+    /// too: its requests fail as they would unprepared.
+    pub fn new(route: &Route) -> Self {
+        Self {
+            internal: InternalSpans::parse(&route.internal_url),
+            app: route.app_header(),
+        }
+    }
+
+    /// `route`'s internal URL, split as prepared. `route` must be the route this was
+    /// prepared from.
+    pub fn internal_url<'a>(&self, route: &'a Route) -> Option<InternalUrl<'a>> {
+        self.internal?.view(&route.internal_url)
+    }
+
+    /// The app header, as prepared.
+    pub fn app_header(&self) -> Option<HeaderValue> {
+        self.app.clone()
+    }
 }
 
 /// The `Host` header the backend sees: the internal host, as the reference product's
@@ -371,41 +442,126 @@ fn is_encoded_dot_dot(segment: &str) -> bool {
 }
 
 /// Sets `X-Forwarded-For` (the trusted chain plus the peer, or the peer alone),
-/// `X-Forwarded-Proto: https`, `X-Forwarded-Host` and, when a trusted proxy sent one,
-/// extends `Forwarded`.
+/// `X-Forwarded-Proto: https` and `X-Forwarded-Host` unless a trusted proxy sent them,
+/// and, when a trusted proxy sent one, extends `Forwarded`.
 fn set_forwarding(headers: &mut HeaderMap, client: &ClientInfo, host: Option<HeaderValue>) {
     let peer = client.peer_ip.to_canonical();
-    let chain = forwarded_for(headers, peer);
-    if let Ok(value) = HeaderValue::try_from(chain) {
-        headers.insert(X_FORWARDED_FOR, value);
+    let chain = if client.via_trusted_proxy && client.extends_chain {
+        extended_chain(headers, peer)
+    } else {
+        None
+    };
+    headers.insert(
+        X_FORWARDED_FOR,
+        chain.unwrap_or_else(|| ip_header_value(peer)),
+    );
+    if !client.via_trusted_proxy {
+        // The client's own forwarding headers are gone: set ours.
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        match host {
+            Some(host) => headers.insert(X_FORWARDED_HOST, host),
+            None => headers.remove(X_FORWARDED_HOST),
+        };
+        return;
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
     if let Some(forwarded) = forwarded_element(headers, peer, host.as_ref())
         && let Ok(value) = HeaderValue::try_from(forwarded)
     {
         headers.insert(header::FORWARDED, value);
     }
-    match host {
-        Some(host) => headers.insert(X_FORWARDED_HOST, host),
-        None => headers.remove(X_FORWARDED_HOST),
-    };
+    // What the trusted proxy saw (its users may have come over plain HTTP, or to
+    // another host name) is the truth; ours only when it said nothing.
+    if !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+    }
+    if let Some(host) = host
+        && !headers.contains_key(X_FORWARDED_HOST)
+    {
+        headers.insert(X_FORWARDED_HOST, host);
+    }
 }
 
-/// Every `X-Forwarded-For` value present (only a trusted proxy's survive), joined, then
-/// `peer`.
-fn forwarded_for(headers: &HeaderMap, peer: IpAddr) -> String {
-    let mut chain = String::new();
+/// Every `X-Forwarded-For` value a trusted proxy sent, joined, then `peer`; `None` when
+/// it sent none.
+fn extended_chain(headers: &HeaderMap, peer: IpAddr) -> Option<HeaderValue> {
+    let mut chain = Vec::new();
     for value in headers.get_all(&X_FORWARDED_FOR) {
-        if let Ok(value) = value.to_str()
-            && !value.trim().is_empty()
-        {
-            chain.push_str(value.trim());
-            chain.push_str(", ");
+        let value = value.as_bytes().trim_ascii();
+        if !value.is_empty() {
+            chain.extend_from_slice(value);
+            chain.extend_from_slice(b", ");
         }
     }
-    // Writing to a String cannot fail.
-    let _ = write!(chain, "{peer}");
-    chain
+    if chain.is_empty() {
+        return None;
+    }
+    chain.extend_from_slice(IpText::new(peer).as_bytes());
+    HeaderValue::from_maybe_shared(Bytes::from(chain)).ok()
+}
+
+/// `ip` as a header value, written without the formatting machinery.
+fn ip_header_value(ip: IpAddr) -> HeaderValue {
+    // Digits, dots, colons and hex letters are always valid header bytes.
+    HeaderValue::from_bytes(IpText::new(ip).as_bytes())
+        .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// An IP address as text, on the stack.
+struct IpText {
+    bytes: [u8; 46],
+    len: usize,
+}
+
+impl IpText {
+    fn new(ip: IpAddr) -> Self {
+        let mut text = Self {
+            bytes: [0; 46],
+            len: 0,
+        };
+        match ip {
+            IpAddr::V4(v4) => {
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        text.push(b'.');
+                    }
+                    if octet >= 100 {
+                        text.push(b'0' + octet / 100);
+                    }
+                    if octet >= 10 {
+                        text.push(b'0' + octet / 10 % 10);
+                    }
+                    text.push(b'0' + octet % 10);
+                }
+            }
+            IpAddr::V6(v6) => {
+                use std::fmt::Write as _;
+                // Rare enough for the formatter; 45 bytes hold any IPv6 text.
+                let _ = write!(text, "{v6}");
+            }
+        }
+        text
+    }
+
+    fn push(&mut self, byte: u8) {
+        if let Some(slot) = self.bytes.get_mut(self.len) {
+            *slot = byte;
+            self.len += 1;
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        self.bytes.get(..self.len).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Write for IpText {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        if self.len + text.len() > self.bytes.len() {
+            return Err(std::fmt::Error);
+        }
+        text.bytes().for_each(|b| self.push(b));
+        Ok(())
+    }
 }
 
 /// The `Forwarded` header (RFC 7239) extended by this hop, when one is present (only a
@@ -503,16 +659,22 @@ fn remove_reserved(headers: &mut HeaderMap) {
 
 /// `response` from `route`'s backend, shaped for the user: see the module
 /// documentation. Rewrites allocate only for headers that actually change.
-pub fn translate_response<B>(route: &Route, mut response: Response<B>) -> Response<B> {
+pub fn translate_response<R, B>(route: &R, mut response: Response<B>) -> Response<B>
+where
+    R: ForwardRoute + ?Sized,
+{
     let headers = response.headers_mut();
     // A WebSocket's 101 is made by websocket.rs from the tunnel's 200 to the extended
     // CONNECT; here every hop-by-hop header goes.
     remove_hop_by_hop(headers, Keep::Nothing);
-    let translation = &route.translation;
+    let translation = &route.route().translation;
     if !translation.headers && !translation.cookies {
         return response;
     }
-    let Some(map) = UrlMap::new(route) else {
+    let Some(map) = route
+        .internal_url()
+        .and_then(|internal| UrlMap::with_internal(route.route(), internal))
+    else {
         return response;
     };
     if translation.headers {
@@ -598,7 +760,7 @@ impl LinkTranslation {
 
 /// A route's internal URL, split without allocation.
 #[derive(Debug, Clone, Copy)]
-struct InternalUrl<'a> {
+pub struct InternalUrl<'a> {
     /// `http` or `https`, as written.
     scheme: &'a str,
     /// `host[:port]`.
@@ -614,7 +776,30 @@ struct InternalUrl<'a> {
 impl<'a> InternalUrl<'a> {
     /// `None` unless `url` is `http(s)://host[:port][/path]` without user info, query or
     /// fragment.
-    fn parse(url: &'a str) -> Option<Self> {
+    pub fn parse(url: &'a str) -> Option<Self> {
+        InternalSpans::parse(url)?.view(url)
+    }
+}
+
+/// Where the parts of an [`InternalUrl`] are in its text, and its port: kept per route
+/// so that requests do not split the URL again.
+#[derive(Debug, Clone, Copy)]
+struct InternalSpans {
+    /// The scheme ends here (`://` follows).
+    scheme_end: usize,
+    /// The authority's end; it starts after `://`.
+    authority_end: usize,
+    /// The host's end; it starts with the authority.
+    host_end: usize,
+    /// The port, explicit or the scheme's default.
+    port: u16,
+    /// True when the URL has a path (from `authority_end` on); else it is `/`.
+    has_path: bool,
+}
+
+impl InternalSpans {
+    /// See [`InternalUrl::parse`].
+    fn parse(url: &str) -> Option<Self> {
         let (scheme, rest) = url.split_once("://")?;
         let default_port = default_port(scheme)?;
         let (authority, path) = match rest.find('/') {
@@ -625,13 +810,31 @@ impl<'a> InternalUrl<'a> {
         {
             return None;
         }
+        // The host is always the start of the authority, brackets included.
         let (host, port) = split_authority(authority)?;
+        let authority_start = scheme.len() + 3;
         Some(Self {
-            scheme,
-            authority,
-            host,
+            scheme_end: scheme.len(),
+            authority_end: authority_start + authority.len(),
+            host_end: authority_start + host.len(),
             port: port.unwrap_or(default_port),
-            path,
+            has_path: authority.len() < rest.len(),
+        })
+    }
+
+    /// The parts of `url`, the text these spans were parsed from.
+    fn view(self, url: &str) -> Option<InternalUrl<'_>> {
+        let authority_start = self.scheme_end + 3;
+        Some(InternalUrl {
+            scheme: url.get(..self.scheme_end)?,
+            authority: url.get(authority_start..self.authority_end)?,
+            host: url.get(authority_start..self.host_end)?,
+            port: self.port,
+            path: if self.has_path {
+                url.get(self.authority_end..)?
+            } else {
+                "/"
+            },
         })
     }
 }
@@ -706,7 +909,20 @@ impl<'a> UrlMap<'a> {
         path_prefix: &'a str,
         internal_url: &'a str,
     ) -> Option<Self> {
-        let internal = InternalUrl::parse(internal_url)?;
+        Self::from_internal(host, url, path_prefix, InternalUrl::parse(internal_url)?)
+    }
+
+    /// The map of `route`, whose internal URL is `internal`.
+    fn with_internal(route: &'a Route, internal: InternalUrl<'a>) -> Option<Self> {
+        Self::from_internal(&route.host, &route.url, &route.path_prefix, internal)
+    }
+
+    fn from_internal(
+        host: &'a str,
+        url: &'a str,
+        path_prefix: &'a str,
+        internal: InternalUrl<'a>,
+    ) -> Option<Self> {
         let wildcard = host.strip_prefix("*.");
         let external_origin = match wildcard {
             Some(_) => None,
@@ -971,10 +1187,14 @@ mod tests {
 
     const ID: &str = "0123456789abcdef0123456789abcdef";
 
+    /// The client at `ip`, connected directly or through a trusted proxy whose
+    /// `X-Forwarded-For` is extended.
     fn client(ip: &str, trusted: bool) -> ClientInfo {
+        let peer_ip: IpAddr = ip.parse().unwrap_or_else(|e| panic!("{ip}: {e}"));
         ClientInfo {
-            peer_ip: ip.parse().unwrap_or_else(|e| panic!("{ip}: {e}")),
             via_trusted_proxy: trusted,
+            extends_chain: trusted,
+            ..ClientInfo::direct(peer_ip)
         }
     }
 
@@ -1194,7 +1414,9 @@ mod tests {
             header(&out, "x-forwarded-for"),
             Some("203.0.113.9, 10.0.0.1, 10.0.0.2, 10.0.0.3")
         );
-        assert_eq!(header(&out, "x-forwarded-proto"), Some("https"));
+        // What the trusted proxy saw is kept: its user came over plain HTTP.
+        assert_eq!(header(&out, "x-forwarded-proto"), Some("http"));
+        assert_eq!(header(&out, "x-forwarded-host"), Some("apps.example.com"));
         assert_eq!(
             header(&out, "forwarded"),
             Some("for=203.0.113.9;proto=https, for=10.0.0.3;host=\"apps.example.com\";proto=https")
@@ -1202,15 +1424,132 @@ mod tests {
 
         let request = get("/wiki/", &[("forwarded", "for=203.0.113.9")]);
         let v6 = ClientInfo {
-            peer_ip: IpAddr::V6(Ipv6Addr::LOCALHOST),
             via_trusted_proxy: true,
+            ..ClientInfo::direct(IpAddr::V6(Ipv6Addr::LOCALHOST))
         };
         let out = forward(&wiki(), request, &v6);
         assert_eq!(header(&out, "x-forwarded-for"), Some("::1"));
+        assert_eq!(header(&out, "x-forwarded-proto"), Some("https"));
         assert_eq!(
             header(&out, "forwarded"),
             Some("for=203.0.113.9, for=\"[::1]\";proto=https")
         );
+    }
+
+    #[test]
+    fn trusted_proxies_decide_what_the_backend_sees() {
+        let proxies = TrustedProxies::parse(&["10.0.0.0/8"]).unwrap_or_else(|e| panic!("{e}"));
+        let headers = [
+            ("host", "apps.example.com"),
+            ("x-forwarded-for", "198.51.100.4, 203.0.113.9"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-host", "www.example.org"),
+            ("x-real-ip", "198.51.100.4"),
+        ];
+
+        // A spoofed chain from an untrusted peer: gone, the socket's address instead.
+        let request = get("/wiki/", &headers);
+        let untrusted = proxies.client_info(
+            "192.0.2.7".parse().unwrap_or_else(|e| panic!("{e}")),
+            request.headers(),
+        );
+        assert_eq!(untrusted.client_ip.to_string(), "192.0.2.7");
+        let out = forward(&wiki(), request, &untrusted);
+        assert_eq!(header(&out, "x-forwarded-for"), Some("192.0.2.7"));
+        assert_eq!(header(&out, "x-forwarded-proto"), Some("https"));
+        assert_eq!(header(&out, "x-forwarded-host"), Some("apps.example.com"));
+        assert!(!out.headers().contains_key("x-real-ip"));
+
+        // The same from a trusted load balancer: kept and extended.
+        let request = get("/wiki/", &headers);
+        let trusted = proxies.client_info(
+            "10.0.0.5".parse().unwrap_or_else(|e| panic!("{e}")),
+            request.headers(),
+        );
+        assert_eq!(trusted.client_ip.to_string(), "203.0.113.9");
+        let out = forward(&wiki(), request, &trusted);
+        assert_eq!(
+            header(&out, "x-forwarded-for"),
+            Some("198.51.100.4, 203.0.113.9, 10.0.0.5")
+        );
+        assert_eq!(header(&out, "x-forwarded-proto"), Some("http"));
+        assert_eq!(header(&out, "x-forwarded-host"), Some("www.example.org"));
+        assert_eq!(header(&out, "x-real-ip"), Some("198.51.100.4"));
+
+        // An unreadable chain from a trusted peer: the peer alone, never an error.
+        let request = get(
+            "/wiki/",
+            &[
+                ("host", "apps.example.com"),
+                ("x-forwarded-for", "nonsense"),
+            ],
+        );
+        let garbled = proxies.client_info(
+            "10.0.0.5".parse().unwrap_or_else(|e| panic!("{e}")),
+            request.headers(),
+        );
+        assert_eq!(garbled.client_ip.to_string(), "10.0.0.5");
+        let out = forward(&wiki(), request, &garbled);
+        assert_eq!(header(&out, "x-forwarded-for"), Some("10.0.0.5"));
+        assert_eq!(header(&out, "x-forwarded-proto"), Some("https"));
+        assert_eq!(header(&out, "x-forwarded-host"), Some("apps.example.com"));
+    }
+
+    #[test]
+    fn addresses_are_written_as_std_writes_them() {
+        for text in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "10.0.0.3",
+            "192.168.100.9",
+            "::1",
+            "2001:db8::7",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:1.2.3.4",
+        ] {
+            let ip: IpAddr = text.parse().unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                ip_header_value(ip).to_str().ok(),
+                Some(ip.to_string().as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn prepared_routes_forward_as_bare_routes_do() {
+        for url in [
+            "http://wiki.corp.internal:8080/w/",
+            "https://backend.corp",
+            "http://[fd00::1]:8080/x/",
+            "http://[fd00::1]",
+            "http://b.corp/",
+            "ftp://x/",
+            "http://",
+            "http://user@host/",
+            "http://h:99999/",
+        ] {
+            let r = route("t/app", "apps.example.com", 443, "/app/", url);
+            let prepared = crate::router::AppRoute::new(r.clone());
+            for path in ["/app/", "/app/x/y?q=1", "/app", "/app/../x"] {
+                let bare = to_tunnel_request(&r, get(path, &[]), &client("192.0.2.1", false), ID);
+                let fast =
+                    to_tunnel_request(&prepared, get(path, &[]), &client("192.0.2.1", false), ID);
+                match (bare, fast) {
+                    (Ok(bare), Ok(fast)) => {
+                        assert_eq!(bare.uri(), fast.uri(), "{url} {path}");
+                        assert_eq!(bare.headers(), fast.headers(), "{url} {path}");
+                    }
+                    (Err(bare), Err(fast)) => {
+                        assert_eq!(bare.to_string(), fast.to_string(), "{url} {path}")
+                    }
+                    (bare, fast) => panic!("{url} {path}: {bare:?} vs {fast:?}"),
+                }
+            }
+            let location = format!("{}/z", url.trim_end_matches('/'));
+            let bare = translate_response(&r, response(&[("location", &location)]));
+            let fast = translate_response(&prepared, response(&[("location", &location)]));
+            assert_eq!(bare.headers(), fast.headers(), "{url}");
+        }
     }
 
     #[test]

@@ -3,11 +3,13 @@
 //! It terminates TLS for every published host, answers robots.txt, limits abuse, signs users in with OpenID Connect, keeps them signed in with an encrypted cookie, enforces conditional access, passes identity on to backends, and carries each request over a reverse HTTP/2 tunnel held open by a connector of the app's group.
 
 pub mod app_tls;
+pub mod auth;
 pub mod body_translation;
 pub mod certs;
 pub mod config_source;
 pub mod fleet_api;
 pub mod forward;
+pub mod identity_keys;
 pub mod issuer;
 pub mod pages;
 pub mod registry;
@@ -27,7 +29,7 @@ use clap::{Parser, Subcommand};
     name = "sallyport-proxy",
     version,
     about = "The Sallyport proxy: the public edge that pre-authenticates users and routes their requests onto connector tunnels.",
-    long_about = "The Sallyport proxy: the public edge that pre-authenticates users and routes their requests onto connector tunnels.\n\nIt terminates TLS for every published host, answers robots.txt, carries each request over a reverse HTTP/2 tunnel held open by a connector of the app's group, and serves the fleet API connectors register and renew their certificates with. In a cluster it follows the configuration the operator compiles; standalone it reads it from a file.\n\nOpenID Connect pre-authentication, conditional access and abuse limits are not in this build yet: apps that require sign-in are refused with a clear page, never passed through."
+    long_about = "The Sallyport proxy: the public edge that pre-authenticates users and routes their requests onto connector tunnels.\n\nIt terminates TLS for every published host, answers robots.txt, carries each request over a reverse HTTP/2 tunnel held open by a connector of the app's group, and serves the fleet API connectors register and renew their certificates with. In a cluster it follows the configuration the operator compiles; standalone it reads it from a file.\n\nApps with OpenID Connect pre-authentication are served only to signed-in users (sessions in encrypted cookies, identity passed to backends as headers and a signed assertion). Conditional access and abuse limits are not in this build yet."
 )]
 pub struct Cli {
     /// What to do; without a command, print the version.

@@ -24,12 +24,20 @@
 //! trailing slash; a lookup probes only the request path's own `/` boundaries that are
 //! no longer than the longest prefix, from the longest down, so the cost depends on
 //! the request, never on the number of routes.
+//!
+//! The router hands out [`AppRoute`]s: each configuration route with what forwarding
+//! works out once per route ([`PreparedRoute`]: its internal URL split, its app header),
+//! so that requests do not.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::ops::Deref;
 use std::sync::Arc;
 
+use http::HeaderValue;
 use sallyport_api::fleet_config::{FleetConfig, Route};
+
+use crate::forward::{ForwardRoute, InternalUrl, PreparedRoute};
 
 /// The longest host name a [`HostKey`] holds: DNS names are at most 253 characters.
 pub const MAX_HOST_LEN: usize = 253;
@@ -107,11 +115,49 @@ fn wildcard_parent(host: &str) -> Option<&str> {
     }
 }
 
+/// A configuration route as the router serves it: the [`Route`] (which it dereferences
+/// to) and what forwarding prepared for it.
+#[derive(Debug, Clone)]
+pub struct AppRoute {
+    route: Route,
+    prepared: PreparedRoute,
+}
+
+impl AppRoute {
+    /// `route`, prepared for forwarding.
+    pub fn new(route: Route) -> Self {
+        let prepared = PreparedRoute::new(&route);
+        Self { route, prepared }
+    }
+}
+
+impl Deref for AppRoute {
+    type Target = Route;
+
+    fn deref(&self) -> &Route {
+        &self.route
+    }
+}
+
+impl ForwardRoute for AppRoute {
+    fn route(&self) -> &Route {
+        &self.route
+    }
+
+    fn internal_url(&self) -> Option<InternalUrl<'_>> {
+        self.prepared.internal_url(&self.route)
+    }
+
+    fn app_header(&self) -> Option<HeaderValue> {
+        self.prepared.app_header()
+    }
+}
+
 /// A route a request matched, with what the proxy needs beyond the route itself.
 #[derive(Debug, Clone, Copy)]
 pub struct RouteMatch<'a> {
-    /// The matched route.
-    pub route: &'a Route,
+    /// The matched route, prepared for forwarding; it dereferences to the [`Route`].
+    pub route: &'a AppRoute,
     /// The route's position in [`FleetConfig::routes`]: a stable key for per-route state
     /// (rate limiters, counters) kept in arrays alongside this configuration version.
     pub index: usize,
@@ -123,6 +169,8 @@ pub struct RouteMatch<'a> {
 /// The routes of one fleet configuration, indexed by host, port and path prefix.
 pub struct Router {
     config: Arc<FleetConfig>,
+    /// The configuration's routes, in its order, prepared.
+    routes: Vec<AppRoute>,
     /// Exact hosts.
     exact: HashMap<Box<str>, HostRoutes>,
     /// Wildcard hosts, keyed by what follows `*.`.
@@ -186,8 +234,10 @@ impl Router {
                 index,
             );
         }
+        let routes = config.routes.iter().cloned().map(AppRoute::new).collect();
         Self {
             config,
+            routes,
             exact,
             wildcard,
         }
@@ -202,7 +252,8 @@ impl Router {
     /// and ignored) and `port` (the port the user connected to). See [`Router::lookup`]
     /// for the bare-prefix case.
     pub fn find(&self, host: &str, port: u16, path: &str) -> Option<&Route> {
-        self.lookup(host, port, path).map(|found| found.route)
+        self.lookup(host, port, path)
+            .map(|found| &found.route.route)
     }
 
     /// Like [`Router::find`], with the route's index and whether the path lacked the
@@ -219,7 +270,7 @@ impl Router {
         };
         let (index, missing_slash) = in_table(&self.exact, host.as_str())
             .or_else(|| in_table(&self.wildcard, host.wildcard_parent()?))?;
-        let route = self.config.routes.get(index)?;
+        let route = self.routes.get(index)?;
         Some(RouteMatch {
             route,
             index,
@@ -229,7 +280,7 @@ impl Router {
 
     /// The route at `index` of the configuration, as a [`RouteMatch::index`] names it.
     pub fn route(&self, index: usize) -> Option<&Route> {
-        self.config.routes.get(index)
+        self.routes.get(index).map(|found| &found.route)
     }
 }
 

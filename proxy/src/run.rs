@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -15,6 +15,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use sallyport_api::fleet_config::FleetConfig;
+use sallyport_oidc::{ProviderHttpClient, Providers};
 use sallyport_tunnel::pool::{PoolSettings, TunnelPool};
 use sallyport_tunnel::tls::{Credentials, TlsError, certificates_from_pem};
 use tokio::net::TcpListener;
@@ -23,13 +24,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::app_tls::{self, SecretSource};
+use crate::auth::{AuthSettings, Authenticator};
 use crate::certs::CertificateStore;
 use crate::config_source::ConfigSource;
 use crate::fleet_api::FleetApi;
+use crate::forward::{IpNetwork, TrustedProxies};
+use crate::identity_keys::{self, KeySource};
 use crate::issuer::{Issuer, IssuerError};
 use crate::registry::{KubeRegistry, MemoryRegistry, Registry, StaticToken};
 use crate::replicas;
-use crate::serve::{Proxy, ProxyParts, ServeError};
+use crate::serve::{DrainSettings, Proxy, ProxyParts, ServeError, TUNNEL_DRAIN_TIMEOUT};
 
 /// Arguments of `sallyport-proxy run`.
 #[derive(Debug, Args)]
@@ -115,9 +119,47 @@ pub struct RunArgs {
     #[arg(long = "peer", env = "SALLYPORT_PEERS", value_delimiter = ',')]
     pub peers: Vec<String>,
 
+    /// A network (CIDR, IPv4 or IPv6, e.g. `10.0.0.0/8`; a bare address is one host) of
+    /// proxies in front of the fleet, such as a cloud load balancer. From a peer inside
+    /// one, the client is the right-most `X-Forwarded-For` address that is not itself a
+    /// trusted proxy, and its `X-Forwarded-Proto`/`-Host` are kept; from any other peer
+    /// every client-sent forwarding header is dropped. Repeat for several. Default: none.
+    #[arg(
+        long = "trusted-proxy",
+        env = "SALLYPORT_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_name = "CIDR"
+    )]
+    pub trusted_proxies: Vec<IpNetwork>,
+
     /// How long a request waits for a tunnel of its app's group when none is up.
     #[arg(long, env = "SALLYPORT_WAIT_FOR_TUNNEL", default_value = "2s", value_parser = sallyport_service::parse_duration)]
     pub wait_for_tunnel: Duration,
+
+    /// Drain: how long the proxy goes on accepting and serving after SIGTERM, unready,
+    /// while load balancers stop sending it new connections (a `preStop` sleep).
+    #[arg(long, env = "SALLYPORT_DRAIN_DELAY", default_value = "5s", value_parser = duration_or_zero)]
+    pub drain_delay: Duration,
+
+    /// Drain: how long requests in flight get to finish once the proxy stopped accepting;
+    /// connections still open then are cut.
+    #[arg(long, env = "SALLYPORT_DRAIN_TIMEOUT", default_value = "30s", value_parser = sallyport_service::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// How long a starting replica stays unready waiting for a tunnel of every connector
+    /// group that has apps, before it declares itself ready anyway.
+    #[arg(long, env = "SALLYPORT_TUNNEL_WARMUP", default_value = "10s", value_parser = duration_or_zero)]
+    pub tunnel_warmup: Duration,
+
+    /// PEM file of extra CA certificates to trust for identity providers (besides the
+    /// system's), for providers with a private CA.
+    #[arg(long, env = "SALLYPORT_IDENTITY_PROVIDER_CA_FILE")]
+    pub identity_provider_ca_file: Option<PathBuf>,
+
+    /// `iss` of the identity assertions passed to backends (backends pin it). Default:
+    /// `https://` and the first tunnel host name.
+    #[arg(long, env = "SALLYPORT_ASSERTION_ISSUER")]
+    pub assertion_issuer: Option<String>,
 
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "SALLYPORT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -160,9 +202,58 @@ pub enum RunError {
         /// The operating system's error.
         source: std::io::Error,
     },
+    /// The HTTPS client for identity providers could not be built.
+    #[error(transparent)]
+    IdentityProviders(sallyport_oidc::HttpError),
     /// The async runtime could not start.
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
+}
+
+/// The sign-in machinery: providers, keys (followed as the operator rotates them).
+async fn authenticator(
+    args: &RunArgs,
+    tunnel_hostnames: &[String],
+    secrets: SecretSource,
+    stopped: &CancellationToken,
+) -> Result<Arc<Authenticator>, RunError> {
+    let extra_roots = match &args.identity_provider_ca_file {
+        Some(path) => certificates_from_pem("identity provider CA", &read(path.clone())?)?,
+        None => Vec::new(),
+    };
+    let http = ProviderHttpClient::new(
+        sallyport_tunnel::tls::provider(),
+        &extra_roots,
+        sallyport_oidc::http::DEFAULT_TIMEOUT,
+    )
+    .map_err(RunError::IdentityProviders)?;
+    let assertion_issuer = args.assertion_issuer.clone().unwrap_or_else(|| {
+        format!(
+            "https://{}",
+            tunnel_hostnames.first().map_or("sallyport", String::as_str)
+        )
+    });
+    let auth = Arc::new(Authenticator::new(
+        AuthSettings { assertion_issuer },
+        Providers::new(http),
+        secrets.clone(),
+    ));
+    let source = KeySource {
+        secrets,
+        namespace: args.namespace.clone(),
+        ephemeral_fallback: args.fleet_config_file.is_some(),
+    };
+    identity_keys::load(&auth, &source, true).await;
+    tokio::spawn(identity_keys::follow(auth.clone(), source, stopped.clone()));
+    Ok(auth)
+}
+
+/// A duration argument that may also be zero (`0s`: no delay, no wait).
+fn duration_or_zero(text: &str) -> Result<Duration, String> {
+    if text.trim_end_matches(['s', 'm', 'h']) == "0" {
+        return Ok(Duration::ZERO);
+    }
+    sallyport_service::parse_duration(text)
 }
 
 fn read(path: PathBuf) -> Result<Vec<u8>, RunError> {
@@ -187,9 +278,16 @@ fn static_tokens(arguments: &[String]) -> Result<Vec<StaticToken>, RunError> {
         .collect()
 }
 
-/// Runs the proxy until SIGTERM or SIGINT.
+/// Runs the proxy until SIGTERM or SIGINT, then drains: `/readyz` answers 503 at once,
+/// the Lease goes, connections are closed after their requests while the proxy still
+/// accepts for `--drain-delay`, then it stops accepting, gives requests in flight
+/// `--drain-timeout`, closes its tunnels and returns.
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
+    // SIGTERM or SIGINT starts the drain; `stopped` ends the background work (following
+    // the configuration, probes) once the proxy has drained, or on any early return.
     let shutdown = CancellationToken::new();
+    let stopped = CancellationToken::new();
+    let _stop_background = stopped.clone().drop_guard();
     let replica = args
         .replica
         .clone()
@@ -252,19 +350,28 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                 )
             }
         };
-    info!(%replica, source = ?source, listen = %args.listen, "starting");
-    tokio::spawn(source.follow(configs_tx, shutdown.clone()));
+    let trusted: Vec<String> = args
+        .trusted_proxies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    info!(%replica, source = ?source, listen = %args.listen, trusted_proxies = ?trusted, "starting");
+    // The configuration is followed while the proxy drains too: a revocation still
+    // closes tunnels.
+    tokio::spawn(source.follow(configs_tx, stopped.clone()));
     sallyport_service::cancel_on_signals(shutdown.clone());
 
-    // Probes answer from the start; /readyz turns 200 once a configuration is served.
-    let ready = Arc::new(AtomicBool::new(false));
+    // Probes answer from the start until the proxy has drained; /readyz turns 200 once a
+    // configuration is served and connectors have come (see `warm_up`), 503 again at
+    // SIGTERM.
+    let readiness = Arc::new(ReadinessState::default());
     let probes = TcpListener::bind(args.probe_address)
         .await
         .map_err(|source| RunError::Bind {
             address: args.probe_address,
             source,
         })?;
-    tokio::spawn(serve_probes(probes, ready.clone(), shutdown.clone()));
+    tokio::spawn(serve_probes(probes, readiness.clone(), stopped.clone()));
 
     // Nothing is served before the first configuration.
     let first = loop {
@@ -279,11 +386,12 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     };
     let certificates = Arc::new(CertificateStore::new(None));
     app_tls::load(&certificates, &secrets, &first).await;
+    let authenticator = authenticator(&args, &tunnel_hostnames, secrets.clone(), &stopped).await?;
     tokio::spawn(app_tls::follow(
         certificates.clone(),
         secrets,
         configs.clone(),
-        shutdown.clone(),
+        stopped.clone(),
     ));
 
     let config = Arc::new(ArcSwap::new(first));
@@ -294,6 +402,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     );
     let pool = TunnelPool::new(PoolSettings {
         wait_for_tunnel: args.wait_for_tunnel,
+        drain_timeout: TUNNEL_DRAIN_TIMEOUT,
         ..PoolSettings::default()
     });
     let proxy = Proxy::new(ProxyParts {
@@ -306,13 +415,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         config,
         pool,
         replicas: replicas_rx.clone(),
+        trusted_proxies: TrustedProxies::new(args.trusted_proxies.iter().copied()),
     })?;
+
+    proxy.set_authenticator(authenticator);
 
     // Configuration and replica changes reach the proxy and the connectors.
     let follower = proxy.clone();
-    let follow_shutdown = shutdown.clone();
+    let follow_stopped = stopped.clone();
     tokio::spawn(async move {
         let mut replicas = replicas_rx;
+        // The replica set stops changing when the Lease heartbeat ends (at SIGTERM).
+        let mut replicas_followed = true;
         loop {
             tokio::select! {
                 changed = configs.changed() => {
@@ -322,11 +436,14 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                         follower.apply_config(config).await;
                     }
                 }
-                changed = replicas.changed() => {
-                    if changed.is_err() { return }
+                changed = replicas.changed(), if replicas_followed => {
+                    if changed.is_err() {
+                        replicas_followed = false;
+                        continue;
+                    }
                     follower.notify_connectors().await;
                 }
-                () = follow_shutdown.cancelled() => return,
+                () = follow_stopped.cancelled() => return,
             }
         }
     });
@@ -337,32 +454,124 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             address: args.listen,
             source,
         })?;
-    ready.store(true, Ordering::Release);
+    readiness.advance(Readiness::WaitingForTunnels);
     info!(address = %args.listen, "serving");
-    proxy.serve(listener, shutdown).await;
-    info!("stopped");
+    tokio::spawn(warm_up(
+        proxy.clone(),
+        readiness.clone(),
+        args.tunnel_warmup,
+    ));
+
+    // SIGTERM: unready first, so that load balancers stop sending connections, then the
+    // drain (which still serves for --drain-delay).
+    let drain = CancellationToken::new();
+    let drain_start = drain.clone();
+    let unready = readiness.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        unready.advance(Readiness::Draining);
+        info!("/readyz answers 503 (draining)");
+        drain_start.cancel();
+    });
+    let settings = DrainSettings {
+        delay: args.drain_delay,
+        timeout: args.drain_timeout,
+    };
+    proxy.serve_with_drain(listener, drain, settings).await;
+    info!("drained; stopped");
     Ok(())
 }
 
-async fn serve_probes(listener: TcpListener, ready: Arc<AtomicBool>, shutdown: CancellationToken) {
+/// Where a replica is in its life, as `/readyz` tells it; it only moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+enum Readiness {
+    /// No fleet configuration yet: nothing is served.
+    WaitingForConfig = 0,
+    /// Serving, but connectors may not have reached this replica yet ([`warm_up`]).
+    WaitingForTunnels = 1,
+    /// Ready for users.
+    Ready = 2,
+    /// Draining after SIGTERM: no new users, please.
+    Draining = 3,
+}
+
+/// The [`Readiness`] of the replica, shared with the probe server.
+#[derive(Debug, Default)]
+struct ReadinessState(AtomicU8);
+
+impl ReadinessState {
+    fn get(&self) -> Readiness {
+        match self.0.load(Ordering::Acquire) {
+            0 => Readiness::WaitingForConfig,
+            1 => Readiness::WaitingForTunnels,
+            2 => Readiness::Ready,
+            _ => Readiness::Draining,
+        }
+    }
+
+    /// Moves to `to` unless the replica is there or further already (a warm-up that ends
+    /// during the drain does not make it ready again).
+    fn advance(&self, to: Readiness) {
+        self.0.fetch_max(to as u8, Ordering::AcqRel);
+    }
+
+    /// The answer to `/readyz`.
+    fn answer(&self) -> (StatusCode, &'static str) {
+        match self.get() {
+            Readiness::WaitingForConfig => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "waiting for the fleet configuration\n",
+            ),
+            Readiness::WaitingForTunnels => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "waiting for connectors to open tunnels\n",
+            ),
+            Readiness::Ready => (StatusCode::OK, "ok\n"),
+            Readiness::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        }
+    }
+}
+
+/// A replica that just started is ready once every connector group with apps has a
+/// tunnel here, or after `within` at the latest (a group whose connectors are all down
+/// must not keep the fleet unready). Connectors learn of a new replica from the others'
+/// notices and dial it then, a few seconds after it started; without the wait, users'
+/// requests sent to it meanwhile would wait for a tunnel and could fail.
+async fn warm_up(proxy: Arc<Proxy>, readiness: Arc<ReadinessState>, within: Duration) {
+    let served = proxy
+        .pool()
+        .wait_for(|_| proxy.groups_without_tunnel().is_empty());
+    match tokio::time::timeout(within, served).await {
+        Ok(()) => info!("every connector group with apps has a tunnel here; ready"),
+        Err(_) => info!(
+            groups = ?proxy.groups_without_tunnel(),
+            ?within,
+            "some connector groups have no tunnel here yet; ready anyway"
+        ),
+    }
+    readiness.advance(Readiness::Ready);
+}
+
+async fn serve_probes(
+    listener: TcpListener,
+    readiness: Arc<ReadinessState>,
+    shutdown: CancellationToken,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => return,
         };
         let Ok((stream, _)) = accepted else { continue };
-        let ready = ready.clone();
+        let readiness = readiness.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
-                let ready = ready.load(Ordering::Acquire);
+                let ready = readiness.answer();
                 async move {
                     let (status, text) = match request.uri().path() {
                         "/livez" => (StatusCode::OK, "ok\n"),
-                        "/readyz" if ready => (StatusCode::OK, "ok\n"),
-                        "/readyz" => (
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "waiting for the fleet configuration\n",
-                        ),
+                        "/readyz" => ready,
                         _ => (StatusCode::NOT_FOUND, "not found\n"),
                     };
                     let mut response =
@@ -391,5 +600,66 @@ mod tests {
         );
         assert!(static_tokens(&["east=abc".to_owned()]).is_err());
         assert!(static_tokens(&["infra/east=".to_owned()]).is_err());
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Command {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[test]
+    fn trusted_proxies_are_cidrs_repeated_or_comma_separated() {
+        use clap::Parser as _;
+        let parsed = Command::try_parse_from([
+            "run",
+            "--trusted-proxy",
+            "10.0.0.0/8,fd00::/8",
+            "--trusted-proxy",
+            "192.0.2.7",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let networks: Vec<String> = parsed
+            .run
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(networks, ["10.0.0.0/8", "fd00::/8", "192.0.2.7/32"]);
+
+        let none = Command::try_parse_from(["run"]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(none.run.trusted_proxies.is_empty());
+
+        let error = Command::try_parse_from(["run", "--trusted-proxy", "10.0.0.0/40"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(error.contains("10.0.0.0/40"), "{error}");
+    }
+
+    #[test]
+    fn drain_delay_and_warmup_may_be_zero() {
+        assert_eq!(duration_or_zero("0s"), Ok(Duration::ZERO));
+        assert_eq!(duration_or_zero("0"), Ok(Duration::ZERO));
+        assert_eq!(duration_or_zero("5s"), Ok(Duration::from_secs(5)));
+        assert!(duration_or_zero("-1s").is_err());
+        assert!(duration_or_zero("soon").is_err());
+    }
+
+    #[test]
+    fn readiness_only_moves_forward() {
+        let readiness = ReadinessState::default();
+        assert_eq!(readiness.answer().0, StatusCode::SERVICE_UNAVAILABLE);
+        readiness.advance(Readiness::WaitingForTunnels);
+        assert_eq!(readiness.get(), Readiness::WaitingForTunnels);
+        readiness.advance(Readiness::Ready);
+        assert_eq!(readiness.answer(), (StatusCode::OK, "ok\n"));
+        readiness.advance(Readiness::Draining);
+        // A warm-up that ends during the drain does not make the replica ready again.
+        readiness.advance(Readiness::Ready);
+        assert_eq!(
+            readiness.answer(),
+            (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        );
     }
 }

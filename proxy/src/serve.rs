@@ -10,14 +10,22 @@
 //!   request path: robots.txt, route lookup, maintenance, pre-authentication (not yet:
 //!   only passthrough apps are served), the request shaped for the tunnel and sent on
 //!   the least loaded tunnel of the app's connector group, the answer translated back.
+//!
+//! On shutdown the proxy drains ([`Proxy::serve_with_drain`]): it closes HTTP/1.1
+//! connections after their current response and sends GOAWAY on HTTP/2 ones while it
+//! still accepts for [`DrainSettings::delay`], then stops accepting, lets requests in
+//! flight finish within [`DrainSettings::timeout`], and closes its tunnels last.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use http::header::ACCEPT;
-use http::{HeaderValue, Request, Response, StatusCode};
+use arc_swap::{ArcSwap, ArcSwapOption};
+use http::header::{ACCEPT, CONNECTION};
+use http::{HeaderValue, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -37,11 +45,13 @@ use tokio::sync::watch;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, info, warn};
 
+use crate::auth::{self, Authenticator};
 use crate::certs::CertificateStore;
 use crate::fleet_api::{ClientAddress, FleetApi};
-use crate::forward::{self, ClientInfo};
+use crate::forward::{self, ClientInfo, TrustedProxies};
 use crate::pages;
 use crate::router::Router;
 use crate::{body_translation, websocket};
@@ -53,8 +63,35 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Added to an app's backend timeout before the proxy gives up on the tunnel itself
 /// (the connector answers 504 at the backend timeout).
 pub const TUNNEL_GRACE: Duration = Duration::from_secs(5);
-/// How long in-flight user requests get to finish on shutdown.
+/// How long in-flight user requests get to finish once the proxy stopped accepting.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a draining proxy goes on accepting and serving, unready, before it stops
+/// accepting: the time load balancers take to stop sending it new connections (what a
+/// `preStop` sleep gives a pod elsewhere).
+pub const DRAIN_DELAY: Duration = Duration::from_secs(5);
+/// How long streams still open on the tunnels when the user connections are done (open
+/// WebSockets) get before the tunnels are cut.
+pub const TUNNEL_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a proxy stops serving ([`Proxy::serve_with_drain`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainSettings {
+    /// How long the proxy goes on accepting and serving once it drains, so that load
+    /// balancers that still send it connections are answered ([`DRAIN_DELAY`]).
+    pub delay: Duration,
+    /// How long requests in flight get to finish once it stopped accepting
+    /// ([`DRAIN_TIMEOUT`]); connections still open then are cut.
+    pub timeout: Duration,
+}
+
+impl Default for DrainSettings {
+    fn default() -> Self {
+        Self {
+            delay: DRAIN_DELAY,
+            timeout: DRAIN_TIMEOUT,
+        }
+    }
+}
 
 /// The proxy could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +124,8 @@ pub struct ProxyParts {
     pub pool: TunnelPool,
     /// The fleet's replicas, for the notices sent to connectors.
     pub replicas: watch::Receiver<Vec<String>>,
+    /// Proxies in front of the fleet whose `X-Forwarded-For` tells the client's address.
+    pub trusted_proxies: TrustedProxies,
 }
 
 /// The proxy's shared state.
@@ -100,6 +139,24 @@ pub struct Proxy {
     router: ArcSwap<Router>,
     pool: TunnelPool,
     replicas: watch::Receiver<Vec<String>>,
+    trusted_proxies: TrustedProxies,
+    /// Cancelled when the proxy starts to drain.
+    draining: CancellationToken,
+    /// Sign-in for OIDC apps; without it they are refused with a clear page.
+    auth: ArcSwapOption<Authenticator>,
+}
+
+/// The connections of a serving proxy, and the signals of its drain.
+struct Connections {
+    /// Every connection's task, tunnels included.
+    all: TaskTracker,
+    /// One token per connection that is not a tunnel (users, fleet API, handshakes).
+    http: TaskTracker,
+    /// Cancelled when the proxy stops accepting: idle connections close, busy ones close
+    /// after their requests.
+    stop: CancellationToken,
+    /// Cancelled at the end of the drain timeout: connections still open are cut.
+    cut: CancellationToken,
 }
 
 #[derive(Debug)]
@@ -139,7 +196,15 @@ impl Proxy {
             router: ArcSwap::from_pointee(router),
             pool: parts.pool,
             replicas: parts.replicas,
+            trusted_proxies: parts.trusted_proxies,
+            draining: CancellationToken::new(),
+            auth: ArcSwapOption::empty(),
         }))
+    }
+
+    /// Enables OpenID Connect pre-authentication: OIDC apps are served through `auth`.
+    pub fn set_authenticator(&self, auth: Arc<Authenticator>) {
+        self.auth.store(Some(auth));
     }
 
     /// The live tunnels.
@@ -150,6 +215,46 @@ impl Proxy {
     /// The configuration now served.
     pub fn config(&self) -> Arc<FleetConfig> {
         self.config.load_full()
+    }
+
+    /// The connector groups that some route sends requests to and that have no tunnel to
+    /// this replica (sorted): a replica that just started is not ready for users while
+    /// this is not empty, unless connectors take too long to come.
+    pub fn groups_without_tunnel(&self) -> Vec<String> {
+        let live = self.pool.live_groups();
+        let mut missing: Vec<String> = self
+            .config
+            .load()
+            .routes
+            .iter()
+            .map(|route| route.connector_group.as_str())
+            .filter(|group| !live.contains_key(*group))
+            .map(str::to_owned)
+            .collect();
+        missing.sort();
+        missing.dedup();
+        missing
+    }
+
+    /// Whether the proxy drains ([`Proxy::start_draining`]).
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    /// Starts the drain: from now on HTTP/1.1 responses carry `Connection: close` and
+    /// HTTP/2 connections are sent GOAWAY. Serving goes on, tunnels included;
+    /// [`Proxy::serve_with_drain`] stops accepting later and closes the tunnels last.
+    ///
+    /// Connectors are not told that the replica leaves: they learn it when its tunnels
+    /// close, and from the other replicas once its Lease is gone. A notice of their own
+    /// could contradict what the other replicas announce (a replacement of the same name
+    /// may already be up) and leave connectors away from it.
+    pub fn start_draining(&self) {
+        if self.draining.is_cancelled() {
+            return;
+        }
+        self.draining.cancel();
+        info!(replica = %self.replica, "draining: connections are closed after their requests");
     }
 
     /// Serves `config` from now on: new routes, revoked connectors' tunnels closed,
@@ -205,49 +310,112 @@ impl Proxy {
         }
     }
 
-    /// Accepts connections on `listener` until `shutdown`, then lets in-flight requests
-    /// finish (up to [`DRAIN_TIMEOUT`]) and closes the tunnels.
+    /// Accepts connections on `listener` until `shutdown`, then drains at once (no
+    /// [`DrainSettings::delay`]): see [`Proxy::serve_with_drain`].
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        let connections = TaskTracker::new();
+        let drain = DrainSettings {
+            delay: Duration::ZERO,
+            timeout: DRAIN_TIMEOUT,
+        };
+        self.serve_with_drain(listener, shutdown, drain).await;
+    }
+
+    /// Accepts connections on `listener` until `shutdown`, then drains and returns:
+    ///
+    /// 1. [`Proxy::start_draining`]: HTTP/1.1 connections close after their next
+    ///    response, HTTP/2 ones get GOAWAY and finish their streams. New connections are
+    ///    still accepted and served (the same way) for `drain.delay`, while load
+    ///    balancers stop sending them.
+    /// 2. The listener closes; idle HTTP/1.1 connections close, requests in flight get
+    ///    `drain.timeout` to finish, then whatever is left is cut.
+    /// 3. The tunnels, which carried those requests to the end, stop taking requests and
+    ///    close (GOAWAY) once their streams are done, within [`TunnelPool::close_all`]'s
+    ///    drain timeout; their connectors keep their tunnels to the other replicas and
+    ///    redial this one's replacement.
+    pub async fn serve_with_drain(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+        drain: DrainSettings,
+    ) {
+        let connections = Arc::new(Connections {
+            all: TaskTracker::new(),
+            http: TaskTracker::new(),
+            stop: CancellationToken::new(),
+            cut: CancellationToken::new(),
+        });
         loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
+            tokio::select! {
+                accepted = listener.accept() => self.admit(accepted, &connections).await,
                 () = shutdown.cancelled() => break,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let proxy = self.clone();
-                    let shutdown = shutdown.clone();
-                    connections.spawn(async move {
-                        proxy.connection(stream, peer, shutdown).await;
-                    });
-                }
-                Err(error) => {
-                    warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
             }
         }
+
+        info!(delay = ?drain.delay, "draining: still accepting while load balancers stop sending connections");
+        self.start_draining();
+        let delay = tokio::time::sleep(drain.delay);
+        tokio::pin!(delay);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => self.admit(accepted, &connections).await,
+                () = &mut delay => break,
+            }
+        }
+
         drop(listener);
-        connections.close();
+        connections.stop.cancel();
+        connections.all.close();
+        connections.http.close();
         info!(
-            in_flight = connections.len(),
-            "stopped accepting; draining connections"
+            connections = connections.http.len(),
+            timeout = ?drain.timeout,
+            "stopped accepting; letting requests in flight finish"
         );
-        if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait())
+        if tokio::time::timeout(drain.timeout, connections.http.wait())
             .await
             .is_err()
         {
-            warn!("connections still open after the drain timeout; closing them");
+            warn!(
+                connections = connections.http.len(),
+                "connections still open after the drain timeout; cutting them"
+            );
+            connections.cut.cancel();
+            connections.http.wait().await;
         }
+        info!("user connections done; closing the tunnels");
         self.pool.close_all().await;
+        connections.all.wait().await;
+    }
+
+    /// Spawns the task of an accepted connection.
+    async fn admit(
+        self: &Arc<Self>,
+        accepted: std::io::Result<(TcpStream, SocketAddr)>,
+        connections: &Arc<Connections>,
+    ) {
+        match accepted {
+            Ok((stream, peer)) => {
+                let proxy = self.clone();
+                // Counted as an HTTP connection until it turns out to be a tunnel.
+                let http = connections.http.token();
+                let signals = connections.clone();
+                connections
+                    .all
+                    .spawn(proxy.connection(stream, peer, http, signals));
+            }
+            Err(error) => {
+                warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 
     async fn connection(
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
-        shutdown: CancellationToken,
+        http: TaskTrackerToken,
+        connections: Arc<Connections>,
     ) {
         let _ = stream.set_nodelay(true);
         let handshake = async {
@@ -279,8 +447,15 @@ impl Proxy {
         let (_, session) = tls.get_ref();
         let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
         let identity = tunnel_tls::peer_identity(session);
+        let signals = DrainSignals {
+            http2: alpn.as_deref() == Some(b"h2"),
+            draining: self.draining.clone(),
+            stop: connections.stop.clone(),
+            cut: connections.cut.clone(),
+        };
         if !to_fleet {
-            self.serve_users(tls, peer, shutdown).await;
+            self.serve_users(tls, peer, signals).await;
+            drop(http);
             return;
         }
         let identity = match identity {
@@ -296,18 +471,22 @@ impl Proxy {
                 warn!(%peer, "tunnel refused: no client certificate");
                 return;
             };
-            self.tunnel(identity, tls, peer, shutdown).await;
+            // Tunnels outlive the user connections: they carry their last requests.
+            drop(http);
+            self.tunnel(identity, tls, peer).await;
         } else {
-            self.serve_fleet_api(tls, peer, identity, shutdown).await;
+            self.serve_fleet_api(tls, peer, identity, signals).await;
+            drop(http);
         }
     }
 
+    /// Runs a connector's tunnel until it ends; on shutdown the pool closes it
+    /// ([`TunnelPool::close_all`]) once the user connections are done.
     async fn tunnel(
         self: Arc<Self>,
         identity: ConnectorIdentity,
         tls: tokio_rustls::server::TlsStream<TcpStream>,
         peer: SocketAddr,
-        shutdown: CancellationToken,
     ) {
         let config = self.config.load_full();
         let connector = identity.connector_id();
@@ -332,15 +511,10 @@ impl Proxy {
         let ended = tokio::select! {
             result = &mut attach => Some(result),
             () = self.renotify_if_stale(&identity, &sent_version) => None,
-            () = shutdown.cancelled() => return,
         };
         let result = match ended {
             Some(result) => result,
-            None => tokio::select! {
-                result = &mut attach => result,
-                // The pool's close_all drains tunnels on shutdown; nothing to do here.
-                () = shutdown.cancelled() => return,
-            },
+            None => attach.await,
         };
         match result {
             Ok(()) => info!(%peer, %connector, "tunnel closed"),
@@ -376,7 +550,7 @@ impl Proxy {
         tls: tokio_rustls::server::TlsStream<TcpStream>,
         peer: SocketAddr,
         identity: Option<ConnectorIdentity>,
-        shutdown: CancellationToken,
+        signals: DrainSignals,
     ) {
         let api = self.fleet_api.clone();
         let service = service_fn(move |mut request: Request<Incoming>| {
@@ -385,26 +559,26 @@ impl Proxy {
             request.extensions_mut().insert(ClientAddress(peer));
             async move { Ok::<_, std::convert::Infallible>(api.handle(request, identity).await) }
         });
-        serve_http(tls, service, false, shutdown).await;
+        serve_http(tls, service, false, signals).await;
     }
 
     async fn serve_users(
         self: Arc<Self>,
         tls: tokio_rustls::server::TlsStream<TcpStream>,
         peer: SocketAddr,
-        shutdown: CancellationToken,
+        signals: DrainSignals,
     ) {
-        let client = ClientInfo {
-            peer_ip: peer.ip(),
-            via_trusted_proxy: false,
-        };
         let proxy = self.clone();
         let service = service_fn(move |request: Request<Incoming>| {
+            // Behind a trusted proxy each request may name another client.
+            let client = proxy
+                .trusted_proxies
+                .client_info(peer.ip(), request.headers());
             let proxy = proxy.clone();
             async move { Ok::<_, std::convert::Infallible>(proxy.user_request(request, client).await) }
         });
         // Users' HTTP/2 connections carry WebSockets as extended CONNECT (RFC 8441).
-        serve_http(tls, service, true, shutdown).await;
+        serve_http(tls, service, true, signals).await;
     }
 
     /// Answers one user request.
@@ -423,7 +597,27 @@ impl Proxy {
             return pages::bad_request(accept, &request_id);
         };
         let router = self.router.load_full();
-        let Some(matched) = router.lookup(host, port, request.uri().path()) else {
+        let origin = auth::Origin {
+            host: host.trim_end_matches('.').to_ascii_lowercase(),
+            authority: forward::request_host(&request)
+                .unwrap_or(host)
+                .to_ascii_lowercase(),
+        };
+        let matched = router.lookup(host, port, request.uri().path());
+        let authenticator = self.auth.load_full();
+        // Sallyport's own paths, unless a passthrough app owns the path.
+        if let Some(authenticator) = &authenticator
+            && request.uri().path().starts_with(auth::RESERVED_PREFIX)
+            && matched.as_ref().is_none_or(|m| {
+                m.route.pre_authentication.kind != PreAuthenticationType::Passthrough
+            })
+            && let Some(answer) = authenticator
+                .reserved(&router, &request, &origin, port, &request_id)
+                .await
+        {
+            return answer;
+        }
+        let Some(matched) = matched else {
             return pages::not_found(accept, &request_id);
         };
         let route = matched.route;
@@ -433,8 +627,17 @@ impl Proxy {
         if route.maintenance_mode {
             return pages::maintenance(accept, &route.app, &request_id);
         }
+        let mut request = request;
         if route.pre_authentication.kind != PreAuthenticationType::Passthrough {
-            return sign_in_unavailable(accept, route, &request_id);
+            let Some(authenticator) = &authenticator else {
+                return sign_in_unavailable(accept, route, &request_id);
+            };
+            match authenticator.gate(route, &mut request, &origin, &request_id) {
+                auth::Gate::Pass(session) => {
+                    authenticator.add_identity(route, &session, request.headers_mut(), &request_id);
+                }
+                auth::Gate::Answer(answer) => return answer,
+            }
         }
         if websocket::is_websocket_request(&request) {
             return websocket::tunnel_upgrade(&self.pool, route, request, &client, &request_id)
@@ -553,11 +756,34 @@ fn split_host_port(authority: &str) -> (&str, u16) {
     }
 }
 
+/// What one HTTP connection watches to close in step with the drain.
+#[derive(Clone)]
+struct DrainSignals {
+    /// The client negotiated HTTP/2.
+    http2: bool,
+    /// The proxy drains: HTTP/2 connections get GOAWAY at once, HTTP/1.1 ones close
+    /// after their next response.
+    draining: CancellationToken,
+    /// The proxy stopped accepting: every connection closes once idle.
+    stop: CancellationToken,
+    /// The drain timeout passed: the connection is cut.
+    cut: CancellationToken,
+}
+
+/// Marks an HTTP/1.x response as the connection's last, unless it switches protocols.
+fn close_after<B>(response: &mut Response<B>) {
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+}
+
 async fn serve_http<S>(
     tls: tokio_rustls::server::TlsStream<TcpStream>,
     service: S,
     connect_protocol: bool,
-    shutdown: CancellationToken,
+    signals: DrainSignals,
 ) where
     S: hyper::service::Service<
             Request<Incoming>,
@@ -567,32 +793,105 @@ async fn serve_http<S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(250)
-        .max_pending_accept_reset_streams(256);
-    if connect_protocol {
-        builder.http2().enable_connect_protocol();
+    // HTTP/1.x responses carry `Connection: close` once the proxy drains, so that clients
+    // take their next request elsewhere instead of racing the close of an idle connection.
+    let draining = signals.draining.clone();
+    let service = service_fn(move |request: Request<Incoming>| {
+        let http1 = request.version() < Version::HTTP_2;
+        let answer = hyper::service::Service::call(&service, request);
+        let draining = draining.clone();
+        async move {
+            let mut response = answer.await?;
+            if http1 && draining.is_cancelled() {
+                close_after(&mut response);
+            }
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let io = TokioIo::new(tls);
+    if signals.http2 {
+        // Negotiated by ALPN: served as HTTP/2 from the first byte. (The auto builder
+        // reads the preface first, and a graceful shutdown before it has would drop the
+        // connection and whatever request the client already sent on it.) GOAWAY as soon
+        // as the proxy drains; streams the client opened before it saw the GOAWAY finish.
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(250)
+            .max_pending_accept_reset_streams(256);
+        if connect_protocol {
+            builder.enable_connect_protocol();
+        }
+        let connection = builder.serve_connection(io, service);
+        tokio::pin!(connection);
+        let go_away = signals.draining.clone();
+        drive(
+            connection,
+            hyper::server::conn::http2::Connection::graceful_shutdown,
+            go_away,
+            signals.cut,
+        )
+        .await;
+    } else {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(250)
+            .max_pending_accept_reset_streams(256);
+        if connect_protocol {
+            builder.http2().enable_connect_protocol();
+        }
+        // Each response says `Connection: close` while the proxy drains; once it stops
+        // accepting, a connection still idle is closed and a busy one after its response.
+        let connection = builder.serve_connection_with_upgrades(io, service);
+        tokio::pin!(connection);
+        drive(
+            connection,
+            auto::UpgradeableConnection::graceful_shutdown,
+            signals.stop,
+            signals.cut,
+        )
+        .await;
     }
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-    tokio::pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => {
-            if let Err(error) = result {
-                debug!(%error, "connection ended with an error");
+}
+
+/// Serves `connection` to its end: shut down gracefully with `graceful` once `go_away`
+/// is cancelled, cut once `cut` is.
+async fn drive<C, E>(
+    mut connection: Pin<&mut C>,
+    graceful: fn(Pin<&mut C>),
+    go_away: CancellationToken,
+    cut: CancellationToken,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let finished = tokio::select! {
+        result = connection.as_mut() => Some(result),
+        () = go_away.cancelled() => None,
+        () = cut.cancelled() => return,
+    };
+    let result = match finished {
+        Some(result) => result,
+        None => {
+            graceful(connection.as_mut());
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = cut.cancelled() => {
+                    debug!("connection still busy at the end of the drain; cut");
+                    return;
+                }
             }
         }
-        () = shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(DRAIN_TIMEOUT, connection).await;
-        }
+    };
+    if let Err(error) = result {
+        debug!(%error, "connection ended with an error");
     }
 }
 
@@ -627,6 +926,27 @@ mod tests {
         let mut none = http::HeaderMap::new();
         super::prepare_for_body_translation(&mut none);
         assert!(none.is_empty());
+    }
+
+    #[test]
+    fn draining_closes_http1_connections_after_the_response_but_not_upgrades() {
+        let mut response = http::Response::new(());
+        super::close_after(&mut response);
+        assert_eq!(
+            response.headers().get(http::header::CONNECTION),
+            Some(&http::HeaderValue::from_static("close"))
+        );
+        let mut upgrade = http::Response::new(());
+        *upgrade.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        upgrade.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+        super::close_after(&mut upgrade);
+        assert_eq!(
+            upgrade.headers().get(http::header::CONNECTION),
+            Some(&http::HeaderValue::from_static("upgrade"))
+        );
     }
 
     #[test]

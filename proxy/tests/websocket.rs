@@ -3,85 +3,46 @@
 //! (`serve::Proxy` with a fleet configuration made here, on a real TLS listener) and
 //! tokio-tungstenite clients over TLS to the proxy, on HTTP/1.1 and on HTTP/2.
 //!
-//! Every wait is bounded by [`WAIT`].
+//! Every wait is bounded by [`common::WAIT`].
 
-use std::future::Future;
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
+use common::{
+    Fleet as Proxied, FleetSettings, Pki, WEB_HOST, http_backend, ok, route, until, web_route,
+    within,
+};
 use futures::{SinkExt as _, StreamExt as _};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt as _, Empty, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt as _, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
-};
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use rustls_pki_types::{CertificateDer, ServerName};
-use sallyport_api::FleetConfig;
-use sallyport_api::connector_group::{CertificatePolicy, Registration};
-use sallyport_api::fleet_config::{ConnectorGroupConfig, Route};
-use sallyport_connector::backend::Backends;
-use sallyport_connector::slice::CurrentSlice;
-use sallyport_proxy::certs::{CertificateStore, certified_key_from_pem};
-use sallyport_proxy::fleet_api::FleetApi;
-use sallyport_proxy::issuer::Issuer;
-use sallyport_proxy::registry::MemoryRegistry;
-use sallyport_proxy::serve::{Proxy, ProxyParts};
-use sallyport_tunnel::ConnectorIdentity;
-use sallyport_tunnel::dial::{DialSettings, Dialer};
-use sallyport_tunnel::pool::{PoolSettings, TunnelPool};
-use sallyport_tunnel::tls::{self, Credentials};
+use rustls::ServerConfig;
+use sallyport_tunnel::tls;
 use sallyport_tunnel::wire::REQUEST_ID_HEADER;
-use time::OffsetDateTime;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request as WsRequest};
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{WebSocketStream, accept_hdr_async, client_async};
-use tokio_util::sync::CancellationToken;
 
 type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
-/// The bound of every wait: generous for a slow, shared machine.
-const WAIT: Duration = Duration::from_secs(30);
-
-/// The fleet's tunnel host name (SNI of tunnels, name of the serving certificate).
-const TUNNEL_HOST: &str = "tunnel.sallyport.test";
 /// An app with WebSockets, behind the plain echo backend.
 const CHAT_HOST: &str = "chat.apps.example.com";
 /// An app whose `backend.websockets` is off, behind the same backend.
 const CLOSED_HOST: &str = "closed.apps.example.com";
 /// An app with WebSockets, behind the TLS echo backend.
 const SECURE_HOST: &str = "secure.apps.example.com";
-/// A plain HTTP app of the same group.
-const WEB_HOST: &str = "web.apps.example.com";
 /// The name in the TLS echo backend's certificate (`backend.tls.serverName`).
 const BACKEND_TLS_NAME: &str = "app.corp.test";
-/// The connector group of every app.
-const GROUP: &str = "infra/east";
 /// The subprotocol the echo backends agree to.
 const SUBPROTOCOL: &str = "chat.v1";
-
-fn ok<T, E: std::fmt::Display>(result: Result<T, E>) -> T {
-    result.unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Awaits `future` for at most [`WAIT`], naming `what` when it does not finish.
-async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, future)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: not within {WAIT:?}"))
-}
 
 /// Logs to the test's output, filtered by `RUST_LOG` (nothing when unset).
 fn trace() {
@@ -92,98 +53,6 @@ fn trace() {
             .with_test_writer()
             .try_init();
     });
-}
-
-// ---------------------------------------------------------------------------------------
-// PKI
-
-/// A root CA signing everything: the tunnel serving certificate, the connector's client
-/// certificate, the apps' certificate, the TLS backend's, and the connector issuer.
-struct Pki {
-    root_pem: String,
-    root_der: CertificateDer<'static>,
-    root: rcgen::Issuer<'static, KeyPair>,
-}
-
-fn ca_params(name: &str) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.not_before = OffsetDateTime::now_utc() - time::Duration::hours(1);
-    params.not_after = OffsetDateTime::now_utc() + time::Duration::days(30);
-    params
-}
-
-impl Pki {
-    fn new() -> Self {
-        let key = ok(KeyPair::generate());
-        let params = ca_params("Sallyport WebSocket test root");
-        let root = ok(params.self_signed(&key));
-        Self {
-            root_pem: root.pem(),
-            root_der: root.der().clone(),
-            root: rcgen::Issuer::new(params, key),
-        }
-    }
-
-    /// A certificate signed by the root: PEM chain, PEM key.
-    fn sign(&self, mut params: CertificateParams) -> (String, String) {
-        params.not_before = OffsetDateTime::now_utc() - time::Duration::hours(1);
-        params.not_after = OffsetDateTime::now_utc() + time::Duration::days(30);
-        let key = ok(KeyPair::generate());
-        let certificate = ok(params.signed_by(&key, &self.root));
-        (certificate.pem(), key.serialize_pem())
-    }
-
-    fn server(&self, names: &[&str]) -> (String, String) {
-        let mut params = ok(CertificateParams::new(
-            names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>(),
-        ));
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.sign(params)
-    }
-
-    fn credentials(what: &str, (chain, key): (String, String)) -> Credentials {
-        ok(Credentials::from_pem(
-            what,
-            chain.as_bytes(),
-            key.as_bytes(),
-        ))
-    }
-
-    fn connector(&self, identity: &ConnectorIdentity) -> Credentials {
-        let mut params = CertificateParams::default();
-        let uri = ok(rcgen::string::Ia5String::try_from(identity.uri()));
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        Self::credentials("connector certificate", self.sign(params))
-    }
-
-    fn issuer(&self) -> Issuer {
-        let mut params = ca_params("Sallyport connector issuer");
-        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let (chain, key) = self.sign(params);
-        ok(Issuer::from_pem(&chain, &key, &self.root_pem))
-    }
-
-    /// A client configuration trusting the root, offering `alpn`.
-    fn client(&self, alpn: &[&[u8]]) -> Arc<ClientConfig> {
-        let mut roots = RootCertStore::empty();
-        ok(roots.add(self.root_der.clone()));
-        let mut config = ClientConfig::builder_with_provider(tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap_or_else(|e| panic!("{e}"))
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Arc::new(config)
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -281,80 +150,23 @@ where
 
 /// A plain HTTP/1.1 app answering `hello from web <path>`.
 async fn web_backend() -> SocketAddr {
-    let listener = ok(TcpListener::bind("127.0.0.1:0").await);
-    let address = ok(listener.local_addr());
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
-                    let text = format!("hello from web {}", request.uri().path());
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(text))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
-    });
-    address
+    http_backend(|request| {
+        let text = format!("hello from web {}", request.uri().path());
+        async move { text }
+    })
+    .await
 }
 
 // ---------------------------------------------------------------------------------------
 // The fleet: a proxy and a connector
 
-fn route(
-    app: &str,
-    host: &str,
-    port: u16,
-    internal_url: &str,
-    websockets: bool,
-    tls: Option<serde_json::Value>,
-) -> Route {
-    let mut backend = serde_json::json!({ "timeout": "10s", "websockets": websockets });
-    if let Some(tls) = tls {
-        backend["tls"] = tls;
-    }
-    ok(serde_json::from_value(serde_json::json!({
-        "app": app,
-        "host": host,
-        "port": port,
-        "pathPrefix": "/",
-        "url": format!("https://{host}:{port}/"),
-        "internalUrl": internal_url,
-        "connectorGroup": GROUP,
-        "preAuthentication": { "type": "Passthrough" },
-        "tls": { "secretRef": { "namespace": "sallyport-system", "name": "default-tls" } },
-        "backend": backend,
-        "rateLimit": { "requestsPerSecond": 500, "burst": 1000 },
-    })))
-}
-
-fn group() -> ConnectorGroupConfig {
-    ConnectorGroupConfig {
-        id: GROUP.to_owned(),
-        certificate: CertificatePolicy::default(),
-        registration: Registration::default(),
-        inactive_connector_ttl: ok(sallyport_api::Duration::parse("240h")),
-    }
-}
-
-/// A proxy on loopback with one connector of [`GROUP`] tunnelled to it, serving the
-/// apps of the host constants.
+/// The proxy and connector of [`common::Fleet`] serving the apps of the host constants,
+/// with their backends.
 struct Fleet {
-    pki: Pki,
+    fleet: Proxied,
     port: u16,
-    proxy: Arc<Proxy>,
     echo: EchoBackend,
     secure_echo: EchoBackend,
-    shutdown: CancellationToken,
-    _replicas: watch::Sender<Vec<String>>,
-    _config_version: watch::Sender<String>,
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
 }
 
 impl Fleet {
@@ -376,118 +188,53 @@ impl Fleet {
         let secure_echo = EchoBackend::start(Some(backend_tls)).await;
         let web = web_backend().await;
 
-        let listener = ok(TcpListener::bind("127.0.0.1:0").await);
-        let address = ok(listener.local_addr());
-        let port = address.port();
-        let mut routes = vec![
-            route(
-                "team-a/chat",
-                CHAT_HOST,
-                port,
-                &format!("http://{}/", echo.address),
-                true,
-                None,
-            ),
-            route(
-                "team-a/closed",
-                CLOSED_HOST,
-                port,
-                &format!("http://{}/", echo.address),
-                false,
-                None,
-            ),
-            route(
-                "team-a/secure",
-                SECURE_HOST,
-                port,
-                &format!("https://{}/", secure_echo.address),
-                true,
-                Some(serde_json::json!({ "serverName": BACKEND_TLS_NAME })),
-            ),
-            route(
-                "team-a/web",
-                WEB_HOST,
-                port,
-                &format!("http://{web}/"),
-                false,
-                None,
-            ),
-        ];
-        routes.sort_by(|a, b| a.host.cmp(&b.host));
-        let config = ok(FleetConfig::new(routes, vec![], vec![group()], vec![]));
-        let slice = ok(config.group_slice(GROUP)).unwrap_or_else(|| panic!("{GROUP} has a slice"));
-        let config = Arc::new(ArcSwap::from_pointee(config));
-
-        let (app_chain, app_key) = pki.server(&["*.apps.example.com"]);
-        let app_certificate = ok(certified_key_from_pem(
-            app_chain.as_bytes(),
-            app_key.as_bytes(),
-        ));
-        let fleet_api = FleetApi::new(
-            Arc::new(ArcSwap::from_pointee(pki.issuer())),
-            Arc::new(MemoryRegistry::new(vec![])),
-            config.clone(),
-        );
-        let (replicas_tx, replicas) = watch::channel(vec!["proxy-0".to_owned()]);
-        let proxy = ok(Proxy::new(ProxyParts {
-            replica: "proxy-0".to_owned(),
-            tunnel_hostnames: vec![TUNNEL_HOST.to_owned()],
-            tunnel_tls: Pki::credentials("tunnel serving certificate", pki.server(&[TUNNEL_HOST])),
-            connector_roots: vec![pki.root_der.clone()],
-            certificates: Arc::new(CertificateStore::new(Some(app_certificate))),
-            fleet_api,
-            config,
-            pool: TunnelPool::new(PoolSettings::default()),
-            replicas,
-        }));
-        let shutdown = CancellationToken::new();
-        tokio::spawn(proxy.clone().serve(listener, shutdown.clone()));
-
-        // The connector: the group's slice, trusting the test root for TLS backends.
-        let current = ok(CurrentSlice::with_backend_ca(Some(&pki.root_pem)));
-        let version = slice.version.clone();
-        ok(current.replace(slice));
-        let identity = ok(ConnectorIdentity::new("infra", "east", "connector-1"));
-        let (config_version, config_version_rx) = watch::channel(version);
-        let dialer = Dialer::new(
-            DialSettings {
-                tunnels_per_replica: 1,
-                ..DialSettings::new(vec![address.to_string()], TUNNEL_HOST)
-            },
-            Arc::new(ArcSwap::from_pointee(pki.connector(&identity))),
-            vec![pki.root_der.clone()],
-            Arc::new(Backends::new(current)).handler(),
-            identity.connector_id(),
-            config_version_rx,
-        );
-        tokio::spawn(dialer.run(shutdown.clone()));
-        within(
-            "the connector's tunnel is up",
-            proxy.pool().wait_for(|tunnels| !tunnels.is_empty()),
-        )
+        let settings = FleetSettings {
+            backends_trust_root: true,
+            ..FleetSettings::default()
+        };
+        let fleet = Proxied::start(pki, settings, |port| {
+            let mut routes = vec![
+                route(
+                    "team-a/chat",
+                    CHAT_HOST,
+                    port,
+                    &format!("http://{}/", echo.address),
+                    true,
+                    None,
+                ),
+                route(
+                    "team-a/closed",
+                    CLOSED_HOST,
+                    port,
+                    &format!("http://{}/", echo.address),
+                    false,
+                    None,
+                ),
+                route(
+                    "team-a/secure",
+                    SECURE_HOST,
+                    port,
+                    &format!("https://{}/", secure_echo.address),
+                    true,
+                    Some(serde_json::json!({ "serverName": BACKEND_TLS_NAME })),
+                ),
+                web_route(port, web),
+            ];
+            routes.sort_by(|a, b| a.host.cmp(&b.host));
+            routes
+        })
         .await;
         Self {
-            pki,
-            port,
-            proxy,
+            port: fleet.address.port(),
+            fleet,
             echo,
             secure_echo,
-            shutdown,
-            _replicas: replicas_tx,
-            _config_version: config_version,
         }
     }
 
     /// A TLS connection to the proxy for `host`, offering `alpn`.
     async fn tls(&self, host: &str, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
-        let tcp = ok(TcpStream::connect(("127.0.0.1", self.port)).await);
-        let name = ok(ServerName::try_from(host.to_owned()));
-        within(
-            "TLS handshake with the proxy",
-            TlsConnector::from(self.pki.client(alpn)).connect(name, tcp),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("TLS with the proxy for {host}: {e}"))
+        self.fleet.tls(host, alpn).await
     }
 
     /// A WebSocket handshake over HTTP/1.1 to `host` at `path`, offering [`SUBPROTOCOL`].
@@ -557,7 +304,8 @@ impl Fleet {
 
     /// Streams outstanding on the proxy's tunnels.
     fn outstanding(&self) -> usize {
-        self.proxy
+        self.fleet
+            .proxy
             .pool()
             .snapshot()
             .iter()
@@ -567,10 +315,8 @@ impl Fleet {
 
     /// Waits until the tunnels have `count` outstanding streams.
     async fn wait_outstanding(&self, count: usize) {
-        within(&format!("{count} outstanding tunnel streams"), async {
-            while self.outstanding() != count {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        until(&format!("{count} outstanding tunnel streams"), || {
+            self.outstanding() == count
         })
         .await;
     }

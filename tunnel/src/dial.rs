@@ -77,8 +77,8 @@ pub type Handler =
 const INITIAL_STREAM_WINDOW: u32 = 8 << 20;
 /// HTTP/2 initial window of each tunnel connection.
 const INITIAL_CONNECTION_WINDOW: u32 = 16 << 20;
-/// Largest HTTP/2 frame the connector accepts.
-const MAX_FRAME_SIZE: u32 = 64 << 10;
+/// Largest HTTP/2 frame the connector accepts (see [`crate::wire::MAX_FRAME_SIZE`]).
+const MAX_FRAME_SIZE: u32 = crate::wire::MAX_FRAME_SIZE;
 /// Streams the proxy may reset before the connector accepted them without the connector
 /// tearing the tunnel down: h2's default of 20 lets one user who cancels many requests
 /// cut an app off for everyone.

@@ -88,7 +88,7 @@ impl Default for PoolSettings {
             drain_timeout: Duration::from_secs(30),
             initial_stream_window: 8 << 20,
             initial_connection_window: 16 << 20,
-            max_frame_size: 64 << 10,
+            max_frame_size: crate::wire::MAX_FRAME_SIZE,
             keep_alive_interval: Duration::from_secs(20),
             keep_alive_timeout: Duration::from_secs(20),
             max_concurrent_reset_streams: 4096,
@@ -208,7 +208,8 @@ struct Attached {
 #[derive(Clone)]
 struct Route {
     id: u64,
-    identity: ConnectorIdentity,
+    /// Shared, so that picking a route for a request copies no string.
+    identity: Arc<ConnectorIdentity>,
     replica: String,
     since: SystemTime,
     outstanding: Arc<AtomicUsize>,
@@ -216,11 +217,18 @@ struct Route {
     reply: NoticeReply,
 }
 
+/// What sending one request needs of the route [`PoolInner::pick`] chose.
+struct Picked {
+    id: u64,
+    identity: Arc<ConnectorIdentity>,
+    sender: SendRequest<TunnelBody>,
+}
+
 impl Route {
     fn info(&self) -> TunnelInfo {
         TunnelInfo {
             id: self.id,
-            identity: self.identity.clone(),
+            identity: ConnectorIdentity::clone(&self.identity),
             replica: self.replica.clone(),
             since: self.since,
             outstanding: self.outstanding.load(Ordering::Relaxed),
@@ -426,7 +434,7 @@ impl TunnelPool {
                 }
                 continue;
             };
-            let mut sender = route.sender.clone();
+            let mut sender = route.sender;
             let upgrade = request.method() == Method::CONNECT;
             match sender.try_send_request(request).await {
                 Ok(response) => {
@@ -685,7 +693,7 @@ impl PoolInner {
                 .or_default()
                 .push(Route {
                     id: attachment.id,
-                    identity: attachment.identity.clone(),
+                    identity: Arc::new(attachment.identity.clone()),
                     replica: replica.to_owned(),
                     since: SystemTime::now(),
                     outstanding: Arc::new(AtomicUsize::new(0)),
@@ -719,7 +727,7 @@ impl PoolInner {
 
     /// The open tunnel of `group_id` with the fewest outstanding streams, counted as one
     /// more outstanding stream until the returned guard goes.
-    fn pick(&self, group_id: &str) -> Result<Option<(Route, OutstandingStream)>, PoolError> {
+    fn pick(&self, group_id: &str) -> Result<Option<(Picked, OutstandingStream)>, PoolError> {
         let state = self.state();
         if state.closed {
             return Err(PoolError::Closed);
@@ -742,7 +750,11 @@ impl PoolInner {
         // Counted under the lock, so that concurrent requests see each other.
         Ok(best.map(|(route, _)| {
             (
-                route.clone(),
+                Picked {
+                    id: route.id,
+                    identity: route.identity.clone(),
+                    sender: route.sender.clone(),
+                },
                 OutstandingStream::new(route.outstanding.clone()),
             )
         }))

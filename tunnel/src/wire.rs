@@ -34,6 +34,13 @@ use serde::{Deserialize, Serialize};
 /// The ALPN protocol id of a tunnel connection.
 pub const TUNNEL_ALPN: &[u8] = b"sallyport-tunnel/1";
 
+/// The largest HTTP/2 frame payload either end of a tunnel accepts: 64 KiB less the
+/// 9-byte frame header, so that a full DATA frame with its header is exactly 64 KiB of
+/// TLS plaintext, four full 16 KiB records, written at once. A 64 KiB payload would
+/// leave 9 bytes over: rustls takes at most 64 KiB per write (its default buffer
+/// limit), so every frame cost an extra 31-byte record, write and receive.
+pub const MAX_FRAME_SIZE: u32 = (64 << 10) - 9;
+
 /// Request header naming the app (`namespace/name`) a tunneled request is for.
 pub const APP_HEADER: &str = "sallyport-app";
 

@@ -8,16 +8,19 @@ use sallyport_api::published_app::{PreAuthenticationType, RateLimit};
 
 use super::group::Groups;
 use super::policy::Policies;
-use super::{CompileInputs, Problem, check_duration};
+use super::{BackendCaLookup, BackendCas, CompileInputs, Problem, check_duration};
 use crate::external_url::ExternalUrl;
 use crate::policy_selection::applied_policies;
+use crate::published_app::backend_ca;
 use crate::published_app::routes::route_holder;
 use crate::published_app::validate::{
     ClientSecretLookup, GroupLookup, References, TlsLookup, assess, condition,
 };
 
 /// The route of `app` (whose id is `id`), or why it is left out. `same_route` holds the
-/// apps of the inputs that claim the same route, `app` among them.
+/// apps of the inputs that claim the same route, `app` among them. `backend_cas`, when
+/// given, is what the backend CA Secrets resolved to; without it a CA reference counts
+/// as found.
 pub(super) fn compile_app(
     app: &PublishedApp,
     id: &str,
@@ -25,6 +28,7 @@ pub(super) fn compile_app(
     groups: &Groups,
     policies: &Policies,
     inputs: &CompileInputs<'_>,
+    backend_cas: Option<&BackendCas>,
 ) -> Result<Route, Problem> {
     if app.metadata.deletion_timestamp.is_some() {
         return Err(Problem::new(
@@ -48,7 +52,21 @@ pub(super) fn compile_app(
     );
 
     // The status rules, over references resolved within the inputs. Secrets are not
-    // inputs: a named TLS or client Secret counts as found.
+    // inputs: a named TLS or client Secret counts as found. Backend CAs are checked when
+    // the caller read them.
+    let backend_ca = match (backend_ca::app_reference(app), backend_cas) {
+        (None, _) | (Some(_), None) => BackendCaLookup::NotNeeded,
+        (Some(reference), Some(cas)) => {
+            cas.get(&reference)
+                .cloned()
+                .unwrap_or_else(|| BackendCaLookup::NotFound {
+                    what: format!(
+                        "backend CA Secret {}/{} was not read",
+                        reference.namespace, reference.name
+                    ),
+                })
+        }
+    };
     let references = References {
         group: match group {
             None => GroupLookup::NotFound {
@@ -69,6 +87,7 @@ pub(super) fn compile_app(
             TlsLookup::NotConfigured
         },
         client_secret: ClientSecretLookup::NotNeeded,
+        backend_ca,
         default_oidc_provider: inputs.defaults.oidc.is_some(),
         missing_policies: applied.missing.clone(),
         route_holder: route_holder(app, same_route.iter().copied()),
@@ -141,6 +160,8 @@ pub(super) fn compile_app(
             name: r.name.clone(),
             key: r.key.clone(),
         }),
+        // Routes share the bundles in `FleetConfig::backend_cas`; slices inline them.
+        ca_pem: None,
         server_name: tls.server_name.clone(),
         insecure_skip_verify: tls.insecure_skip_verify,
     });

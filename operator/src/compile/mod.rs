@@ -12,7 +12,9 @@
 //! policies). An app that would not be accepted or whose references do not resolve is
 //! left out and listed in [`Compiled::skipped`] with the reason its status gives. Secrets
 //! are not inputs: the configuration references them, and their existence and validity
-//! are the status's business.
+//! are the status's business. The one exception is public data: the backend CA bundles
+//! apps name (`spec.backend.tls.caSecretRef`), which the caller reads and hands in to
+//! [`compile_with_backend_cas`], and which are copied into the configuration.
 //!
 //! On top of the status rules, the compile step refuses what admission would have
 //! refused but what manifests read from disk may still hold (malformed durations or
@@ -33,13 +35,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use sallyport_api::fleet_config::{FleetConfigError, Route, SecretKeyRef, SecretRef};
+use sallyport_api::fleet_config::{
+    BackendCaBundle, FleetConfigError, Route, SecretKeyRef, SecretRef,
+};
 use sallyport_api::published_app::RateLimit;
 use sallyport_api::{
     ConditionalAccessPolicy, Connector, ConnectorGroup, FleetConfig, PublishedApp,
 };
 
 use crate::external_url::ExternalUrl;
+pub use crate::published_app::backend_ca::{BackendCaLookup, BackendCas};
 
 /// Everything the configuration is compiled from.
 #[derive(Debug, Clone, Copy)]
@@ -199,8 +204,29 @@ pub enum CompileError {
     Config(#[from] FleetConfigError),
 }
 
-/// Compiles `inputs` into the fleet configuration.
+/// Compiles `inputs` into the fleet configuration, without reading any Secret: backend
+/// CA references stay references (as `sallyport-operator compile` does; connectors then
+/// verify such backends against their own trust store).
 pub fn compile(inputs: &CompileInputs<'_>) -> Result<Compiled, CompileError> {
+    compile_apps(inputs, None)
+}
+
+/// Compiles `inputs` into the fleet configuration, with the backend CA bundles the apps
+/// name as read from their Secrets (as the operator does): each bundle found is copied
+/// into [`FleetConfig::backend_cas`] once; an app whose bundle is missing, invalid or
+/// absent from `backend_cas` is left out with the reason its status gives
+/// (`BackendCASecretNotFound`, `BackendCASecretInvalid`), never served unverified.
+pub fn compile_with_backend_cas(
+    inputs: &CompileInputs<'_>,
+    backend_cas: &BackendCas,
+) -> Result<Compiled, CompileError> {
+    compile_apps(inputs, Some(backend_cas))
+}
+
+fn compile_apps(
+    inputs: &CompileInputs<'_>,
+    backend_cas: Option<&BackendCas>,
+) -> Result<Compiled, CompileError> {
     check_settings(inputs)?;
     let operator_namespace = inputs.operator_namespace;
     let app_ids = object_ids("PublishedApp", inputs.apps.iter().map(|a| &a.metadata))?;
@@ -237,7 +263,7 @@ pub fn compile(inputs: &CompileInputs<'_>) -> Result<Compiled, CompileError> {
             .ok()
             .and_then(|url| by_route.get(&url))
             .map_or(&[][..], Vec::as_slice);
-        match app::compile_app(app, id, same_route, &groups, &policies, inputs) {
+        match app::compile_app(app, id, same_route, &groups, &policies, inputs, backend_cas) {
             Ok(route) => routes.push(route),
             Err(problem) => skipped.push(Skipped {
                 kind: "PublishedApp",
@@ -276,13 +302,29 @@ pub fn compile(inputs: &CompileInputs<'_>) -> Result<Compiled, CompileError> {
         }
     }
 
+    // Every bundle a route names, once; `compile_app` served no route without its bundle.
+    let bundles: Vec<BackendCaBundle> = routes
+        .iter()
+        .filter_map(|route| route.backend.tls.as_ref()?.ca_secret_ref.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .filter_map(|reference| match backend_cas?.get(&reference)? {
+            BackendCaLookup::Found { pem } => Some(BackendCaBundle {
+                secret_ref: reference,
+                pem: pem.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+
     skipped.sort();
     let config = FleetConfig::new(
         routes,
         policies,
         groups.configs(),
         revoked.into_iter().collect(),
-    )?;
+    )?
+    .with_backend_cas(bundles)?;
     Ok(Compiled { config, skipped })
 }
 
@@ -447,5 +489,221 @@ fn check_duration(
             problems.push(Problem::new("InvalidField", format!("{field}: {error}")));
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::manifests::Manifests;
+    use super::*;
+
+    const MANIFESTS: &str = "
+apiVersion: sallyport.dev/v1alpha1
+kind: ConnectorGroup
+metadata: {name: dc, namespace: team-a}
+spec: {}
+---
+apiVersion: sallyport.dev/v1alpha1
+kind: ConnectorGroup
+metadata: {name: other, namespace: team-a}
+spec: {}
+---
+apiVersion: sallyport.dev/v1alpha1
+kind: PublishedApp
+metadata: {name: wiki, namespace: team-a}
+spec:
+  externalUrl: https://wiki.example.com/
+  internalUrl: https://wiki.corp.internal/
+  connectorGroup: {name: dc}
+  preAuthentication: {type: Passthrough}
+  tls: {secretName: wiki-tls}
+  backend:
+    tls:
+      caSecretRef: {name: corp-ca, key: ca.crt}
+      serverName: wiki.corp.internal
+---
+apiVersion: sallyport.dev/v1alpha1
+kind: PublishedApp
+metadata: {name: chat, namespace: team-a}
+spec:
+  externalUrl: https://chat.example.com/
+  internalUrl: https://chat.corp.internal/
+  connectorGroup: {name: dc}
+  preAuthentication: {type: Passthrough}
+  tls: {secretName: chat-tls}
+  backend:
+    tls:
+      caSecretRef: {name: corp-ca, key: ca.crt}
+---
+apiVersion: sallyport.dev/v1alpha1
+kind: PublishedApp
+metadata: {name: crm, namespace: team-a}
+spec:
+  externalUrl: https://crm.example.com/
+  internalUrl: https://crm.corp.internal/
+  connectorGroup: {name: other}
+  preAuthentication: {type: Passthrough}
+  tls: {secretName: crm-tls}
+  backend:
+    tls:
+      caSecretRef: {name: crm-ca, key: ca.crt}
+";
+
+    fn manifests() -> Manifests {
+        let mut manifests = Manifests::default();
+        manifests
+            .add_yaml("test", MANIFESTS, "default")
+            .unwrap_or_else(|e| panic!("{e}"));
+        manifests
+    }
+
+    fn ca_ref(name: &str) -> SecretKeyRef {
+        SecretKeyRef {
+            namespace: "team-a".to_owned(),
+            name: name.to_owned(),
+            key: "ca.crt".to_owned(),
+        }
+    }
+
+    fn route_ids(compiled: &Compiled) -> Vec<&str> {
+        compiled
+            .config
+            .routes
+            .iter()
+            .map(|r| r.app.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn backend_cas_are_copied_once_and_inlined_into_their_groups_slices() {
+        let manifests = manifests();
+        let defaults = FleetDefaults::default();
+        let inputs = manifests.inputs("sallyport-system", &defaults, &[]);
+        let cas = BackendCas::from([
+            (
+                ca_ref("corp-ca"),
+                BackendCaLookup::Found {
+                    pem: "CORP CA PEM".to_owned(),
+                },
+            ),
+            (
+                ca_ref("crm-ca"),
+                BackendCaLookup::Found {
+                    pem: "CRM CA PEM".to_owned(),
+                },
+            ),
+        ]);
+        let compiled = compile_with_backend_cas(&inputs, &cas).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(compiled.skipped, []);
+        assert_eq!(
+            route_ids(&compiled),
+            ["team-a/chat", "team-a/crm", "team-a/wiki"]
+        );
+        let bundles: Vec<(&str, &str)> = compiled
+            .config
+            .backend_cas
+            .iter()
+            .map(|b| (b.secret_ref.name.as_str(), b.pem.as_str()))
+            .collect();
+        assert_eq!(
+            bundles,
+            [("corp-ca", "CORP CA PEM"), ("crm-ca", "CRM CA PEM")]
+        );
+        let json = serde_json::to_string(&compiled.config).unwrap_or_default();
+        assert_eq!(json.matches("CORP CA PEM").count(), 1, "{json}");
+
+        let slice = compiled
+            .config
+            .group_slice("team-a/dc")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("team-a/dc has a slice"));
+        let tls: Vec<(&str, Option<&str>, Option<&str>)> = slice
+            .apps
+            .iter()
+            .filter_map(|a| {
+                let tls = a.backend.tls.as_ref()?;
+                Some((
+                    a.app.as_str(),
+                    tls.ca_pem.as_deref(),
+                    tls.server_name.as_deref(),
+                ))
+            })
+            .collect();
+        assert_eq!(
+            tls,
+            [
+                ("team-a/chat", Some("CORP CA PEM"), None),
+                (
+                    "team-a/wiki",
+                    Some("CORP CA PEM"),
+                    Some("wiki.corp.internal")
+                ),
+            ]
+        );
+        let slice_json = serde_json::to_string(&slice).unwrap_or_default();
+        assert!(!slice_json.contains("CRM CA PEM"), "{slice_json}");
+
+        // A new CA in the Secret is a new configuration.
+        let mut rotated = cas.clone();
+        rotated.insert(
+            ca_ref("corp-ca"),
+            BackendCaLookup::Found {
+                pem: "NEW CORP CA PEM".to_owned(),
+            },
+        );
+        let again = compile_with_backend_cas(&inputs, &rotated).unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(again.config.version, compiled.config.version);
+    }
+
+    #[test]
+    fn an_app_whose_backend_ca_does_not_resolve_is_left_out() {
+        let manifests = manifests();
+        let defaults = FleetDefaults::default();
+        let inputs = manifests.inputs("sallyport-system", &defaults, &[]);
+        let cas = BackendCas::from([(
+            ca_ref("corp-ca"),
+            BackendCaLookup::Invalid {
+                what: "backend CA Secret team-a/corp-ca key ca.crt holds no PEM certificate"
+                    .to_owned(),
+            },
+        )]);
+        let compiled = compile_with_backend_cas(&inputs, &cas).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(route_ids(&compiled), Vec::<&str>::new());
+        let skipped: Vec<(&str, &str)> = compiled
+            .skipped
+            .iter()
+            .map(|s| (s.id.as_str(), s.reason))
+            .collect();
+        assert_eq!(
+            skipped,
+            [
+                ("team-a/chat", "BackendCASecretInvalid"),
+                ("team-a/crm", "BackendCASecretNotFound"),
+                ("team-a/wiki", "BackendCASecretInvalid"),
+            ]
+        );
+        let crm = compiled.skipped.iter().find(|s| s.id == "team-a/crm");
+        assert_eq!(
+            crm.map(|s| s.message.as_str()),
+            Some("backend CA Secret team-a/crm-ca was not read (spec.backend.tls.caSecretRef)")
+        );
+        assert!(compiled.config.backend_cas.is_empty());
+    }
+
+    #[test]
+    fn without_reading_secrets_backend_cas_stay_references() {
+        let manifests = manifests();
+        let defaults = FleetDefaults::default();
+        let compiled = compile(&manifests.inputs("sallyport-system", &defaults, &[]))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(route_ids(&compiled).len(), 3);
+        assert!(compiled.config.backend_cas.is_empty());
+        let wiki = compiled.config.route("team-a/wiki");
+        let tls = wiki.and_then(|r| r.backend.tls.clone());
+        assert_eq!(
+            tls.as_ref().and_then(|t| t.ca_secret_ref.clone()),
+            Some(ca_ref("corp-ca"))
+        );
+        assert_eq!(tls.and_then(|t| t.ca_pem), None);
     }
 }

@@ -1,17 +1,22 @@
 //! The pure steps of the ConnectorGroup reconcile: the registration token Secret, the
-//! connector Deployment and the status, from the group and what exists.
+//! connector Deployment with its state slots and least-privilege identity, and the
+//! status, from the group and what exists.
 
 use std::collections::BTreeMap;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, Secret,
-    SecretKeySelector, Volume, VolumeMount,
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
+use k8s_openapi::api::core::v1::{
+    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, PodSpec,
+    PodTemplateSpec, Secret, SecretKeySelector, ServiceAccount, Volume, VolumeMount,
+};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::{Resource, ResourceExt};
 use sallyport_api::connector_group::ConnectorDeployment;
@@ -21,8 +26,8 @@ use crate::conditions::Verdict;
 use crate::managed::{group_labels, hardened_container, hardened_pod};
 
 pub use sallyport_api::registration::{
-    CA_KEY, EXPIRES_AT_ANNOTATION, ISSUED_AT_ANNOTATION, MAX_USES_ANNOTATION, TOKEN_KEY,
-    TOKEN_SECRET_TYPE, USES_ANNOTATION, token_secret_name,
+    CA_KEY, EXPIRES_AT_ANNOTATION, ISSUED_AT_ANNOTATION, MAX_USES_ANNOTATION, STATE_SECRET_TYPE,
+    TOKEN_KEY, TOKEN_SECRET_TYPE, USES_ANNOTATION, state_secret_name, token_secret_name,
 };
 
 /// Where connectors reach the fleet: what the operator wires into connector Deployments.
@@ -37,9 +42,112 @@ pub struct FleetEndpoint {
 /// The condition type of a ConnectorGroup.
 pub const READY: &str = "Ready";
 
-/// The name of the connector Deployment of `group`.
+/// The name of the connector Deployment of `group`, and of its ServiceAccount, Role and
+/// RoleBinding.
 pub fn deployment_name(group: &str) -> String {
     format!("{group}-connector")
+}
+
+/// The verbs a connector pod holds on its group's state slots: read one, and claim,
+/// renew, write and release it with merge patches that carry the resourceVersion they
+/// read (optimistic concurrency without `update`). Never `list`, `create` or `delete`.
+pub const STATE_SLOT_VERBS: [&str; 2] = ["get", "patch"];
+
+/// The state slot Secrets of a group whose Deployment runs `replicas` connectors: one per
+/// replica and one spare for the pod a rolling update adds (the Deployment surges by one).
+pub fn state_slot_names(group: &str, replicas: i32) -> Vec<String> {
+    let count = usize::try_from(replicas).unwrap_or(0) + 1;
+    (0..count).map(|i| state_secret_name(group, i)).collect()
+}
+
+/// Whether the Secret `name`, labelled for `group`, is one of that group's state slots
+/// (whatever the replica count): connectors renew their claims on them every few seconds,
+/// which needs no reconcile.
+pub fn is_state_slot(group: &str, name: &str) -> bool {
+    let first = state_secret_name(group, 0);
+    first
+        .strip_suffix('0')
+        .and_then(|prefix| name.strip_prefix(prefix))
+        .is_some_and(|index| !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// State slot `name` of `group`: an empty Secret of type [`STATE_SECRET_TYPE`] a connector
+/// pod claims and keeps its credentials in. Only metadata and type are applied, so the
+/// connector's data and claim annotations are never overwritten.
+pub fn state_slot(group: &ConnectorGroup, name: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: group.namespace(),
+            labels: Some(group_labels(&group.name_any())),
+            owner_references: Some(owner(group)),
+            ..ObjectMeta::default()
+        },
+        type_: Some(STATE_SECRET_TYPE.to_owned()),
+        ..Secret::default()
+    }
+}
+
+/// The ServiceAccount connector pods of `group` run as.
+pub fn connector_service_account(group: &ConnectorGroup) -> ServiceAccount {
+    let name = group.name_any();
+    ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some(deployment_name(&name)),
+            namespace: group.namespace(),
+            labels: Some(group_labels(&name)),
+            owner_references: Some(owner(group)),
+            ..ObjectMeta::default()
+        },
+        ..ServiceAccount::default()
+    }
+}
+
+/// The Role of `group`'s connectors: [`STATE_SLOT_VERBS`] on exactly the Secrets `slots`,
+/// by name. Nothing else: no other Secret, no listing, no creating.
+pub fn connector_role(group: &ConnectorGroup, slots: &[String]) -> Role {
+    let name = group.name_any();
+    Role {
+        metadata: ObjectMeta {
+            name: Some(deployment_name(&name)),
+            namespace: group.namespace(),
+            labels: Some(group_labels(&name)),
+            owner_references: Some(owner(group)),
+            ..ObjectMeta::default()
+        },
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["secrets".to_owned()]),
+            resource_names: Some(slots.to_vec()),
+            verbs: STATE_SLOT_VERBS.iter().map(|v| (*v).to_owned()).collect(),
+            ..PolicyRule::default()
+        }]),
+    }
+}
+
+/// The RoleBinding giving `group`'s connector ServiceAccount its Role.
+pub fn connector_role_binding(group: &ConnectorGroup) -> RoleBinding {
+    let name = group.name_any();
+    RoleBinding {
+        metadata: ObjectMeta {
+            name: Some(deployment_name(&name)),
+            namespace: group.namespace(),
+            labels: Some(group_labels(&name)),
+            owner_references: Some(owner(group)),
+            ..ObjectMeta::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".to_owned(),
+            kind: "Role".to_owned(),
+            name: deployment_name(&name),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".to_owned(),
+            name: deployment_name(&name),
+            namespace: group.namespace(),
+            api_group: None,
+        }]),
+    }
 }
 
 /// What to do with the registration token.
@@ -165,7 +273,9 @@ pub fn token_secret(
 
 /// The connector Deployment of `group`: a hardened pod (non-root, read-only root
 /// filesystem, no capabilities, RuntimeDefault seccomp) that registers with the group's
-/// token.
+/// token and keeps its state in one of the group's state slots, as the group's
+/// ServiceAccount (whose token is mounted for that alone). It rolls one pod at a time
+/// (surge one, none unavailable), so one spare slot is enough.
 pub fn connector_deployment(
     group: &ConnectorGroup,
     spec: &ConnectorDeployment,
@@ -191,6 +301,17 @@ pub fn connector_deployment(
         name: name.to_owned(),
         value: Some(value),
         value_from: None,
+    };
+    let pod_field = |name: &str, path: &str| EnvVar {
+        name: name.to_owned(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
     };
     let container = Container {
         name: "connector".to_owned(),
@@ -227,22 +348,20 @@ pub fn connector_deployment(
                     ..EnvVarSource::default()
                 }),
             },
-            env("SALLYPORT_STATE_DIR", "/var/lib/sallyport".to_owned()),
+            env(
+                "SALLYPORT_STATE_SECRETS",
+                state_slot_names(&name, spec.replicas).join(","),
+            ),
+            pod_field("POD_NAME", "metadata.name"),
+            pod_field("POD_NAMESPACE", "metadata.namespace"),
         ]),
         resources: spec.resources.clone(),
         security_context: Some(hardened_container()),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "state".to_owned(),
-                mount_path: "/var/lib/sallyport".to_owned(),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "tmp".to_owned(),
-                mount_path: "/tmp".to_owned(),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "tmp".to_owned(),
+            mount_path: "/tmp".to_owned(),
+            ..VolumeMount::default()
+        }]),
         ..Container::default()
     };
     let empty_dir = |name: &str| Volume {
@@ -260,6 +379,13 @@ pub fn connector_deployment(
         },
         spec: Some(DeploymentSpec {
             replicas: Some(spec.replicas),
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
             selector: LabelSelector {
                 match_labels: Some(labels),
                 match_expressions: None,
@@ -271,13 +397,15 @@ pub fn connector_deployment(
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
-                    automount_service_account_token: Some(false),
+                    // The token serves the state slots alone: its Role allows nothing else.
+                    service_account_name: Some(deployment_name(&name)),
+                    automount_service_account_token: Some(true),
                     enable_service_links: Some(false),
                     security_context: Some(hardened_pod()),
                     node_selector: Some(spec.node_selector.clone()).filter(|s| !s.is_empty()),
                     tolerations: Some(spec.tolerations.clone()).filter(|t| !t.is_empty()),
                     affinity: spec.affinity.clone(),
-                    volumes: Some(vec![empty_dir("state"), empty_dir("tmp")]),
+                    volumes: Some(vec![empty_dir("tmp")]),
                     ..PodSpec::default()
                 }),
             },
@@ -476,7 +604,26 @@ mod tests {
         let Some(pod) = deployment_spec.template.spec else {
             panic!("no pod spec")
         };
-        assert_eq!(pod.automount_service_account_token, Some(false));
+        // The ServiceAccount token is mounted for the state slots, which its Role alone
+        // allows.
+        assert_eq!(pod.service_account_name.as_deref(), Some("dc-connector"));
+        assert_eq!(pod.automount_service_account_token, Some(true));
+        let volumes: Vec<_> = pod
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(volumes, ["tmp"], "no state on an emptyDir");
+        let rolling = deployment_spec
+            .strategy
+            .as_ref()
+            .and_then(|s| s.rolling_update.clone());
+        assert_eq!(
+            rolling.map(|r| (r.max_surge, r.max_unavailable)),
+            Some((Some(IntOrString::Int(1)), Some(IntOrString::Int(0)))),
+            "one surge pod: one spare slot"
+        );
         assert_eq!(
             pod.node_selector
                 .and_then(|s| s.get("zone").cloned())
@@ -534,6 +681,124 @@ mod tests {
             env("SALLYPORT_FLEET_CA").as_deref(),
             Some("dc-registration:ca.crt")
         );
+        assert_eq!(
+            env("SALLYPORT_STATE_SECRETS").as_deref(),
+            Some(
+                "dc-connector-state-0,dc-connector-state-1,dc-connector-state-2,dc-connector-state-3"
+            )
+        );
+        assert_eq!(env("SALLYPORT_STATE_DIR"), None);
+        let field = |name: &str| {
+            container
+                .env
+                .iter()
+                .flatten()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value_from.clone())
+                .and_then(|v| v.field_ref)
+                .map(|f| f.field_path)
+        };
+        assert_eq!(field("POD_NAME").as_deref(), Some("metadata.name"));
+        assert_eq!(
+            field("POD_NAMESPACE").as_deref(),
+            Some("metadata.namespace")
+        );
+    }
+
+    #[test]
+    fn state_slots_are_one_per_replica_and_a_spare_empty_and_owned() {
+        assert_eq!(
+            state_slot_names("dc", 2),
+            [
+                "dc-connector-state-0",
+                "dc-connector-state-1",
+                "dc-connector-state-2"
+            ]
+        );
+        assert_eq!(state_slot_names("dc", 0), ["dc-connector-state-0"]);
+        assert_eq!(state_slot_names("dc", -1), ["dc-connector-state-0"]);
+
+        let slot = state_slot(
+            &group("{deployment: {replicas: 1}}"),
+            "dc-connector-state-1",
+        );
+        assert_eq!(slot.type_.as_deref(), Some("sallyport.dev/connector-state"));
+        assert_eq!(slot.namespace().as_deref(), Some("ops"));
+        assert_eq!(slot.data, None, "the operator never writes a slot's data");
+        assert_eq!(slot.string_data, None);
+        assert!(
+            slot.annotations().is_empty(),
+            "the claim annotations are the connector's"
+        );
+        assert_eq!(
+            slot.labels()
+                .get("sallyport.dev/connector-group")
+                .map(String::as_str),
+            Some("dc")
+        );
+        assert_eq!(
+            slot.owner_references()
+                .first()
+                .map(|o| (o.kind.as_str(), o.controller)),
+            Some(("ConnectorGroup", Some(true)))
+        );
+    }
+
+    #[test]
+    fn slots_are_told_apart_from_other_group_secrets() {
+        assert!(is_state_slot("dc", "dc-connector-state-0"));
+        assert!(is_state_slot("dc", "dc-connector-state-17"));
+        assert!(!is_state_slot("dc", "dc-registration"));
+        assert!(!is_state_slot("dc", "dc-connector-state-"));
+        assert!(!is_state_slot("dc", "dc-connector-state-1x"));
+        assert!(!is_state_slot("d", "dc-connector-state-0"));
+        assert!(!is_state_slot(
+            "dc-connector-state-0",
+            "dc-connector-state-0-registration"
+        ));
+    }
+
+    #[test]
+    fn the_connector_role_reaches_exactly_its_slots() {
+        let group = group("{deployment: {replicas: 1}}");
+        let slots = state_slot_names("dc", 1);
+        let role = connector_role(&group, &slots);
+        assert_eq!(role.name_any(), "dc-connector");
+        let rules = role.rules.clone().unwrap_or_default();
+        assert_eq!(rules.len(), 1, "{rules:?}");
+        let rule = &rules[0];
+        assert_eq!(rule.api_groups.as_deref(), Some(&[String::new()][..]));
+        assert_eq!(rule.resources.as_deref(), Some(&["secrets".to_owned()][..]));
+        assert_eq!(
+            rule.resource_names.as_deref(),
+            Some(
+                &[
+                    "dc-connector-state-0".to_owned(),
+                    "dc-connector-state-1".to_owned()
+                ][..]
+            )
+        );
+        assert_eq!(rule.verbs, ["get", "patch"]);
+
+        let binding = connector_role_binding(&group);
+        assert_eq!(
+            (
+                binding.role_ref.kind.as_str(),
+                binding.role_ref.name.as_str()
+            ),
+            ("Role", "dc-connector")
+        );
+        let subject = binding.subjects.unwrap_or_default();
+        assert_eq!(
+            subject
+                .iter()
+                .map(|s| (s.kind.as_str(), s.name.as_str(), s.namespace.as_deref()))
+                .collect::<Vec<_>>(),
+            [("ServiceAccount", "dc-connector", Some("ops"))]
+        );
+        let account = connector_service_account(&group);
+        assert_eq!(account.name_any(), "dc-connector");
+        assert!(!account.owner_references().is_empty());
     }
 
     #[test]

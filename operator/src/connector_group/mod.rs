@@ -1,6 +1,12 @@
 //! The ConnectorGroup controller: the registration token Secret (minted, rotated at
-//! `tokenTTL` or when used up), the connector Deployment when `spec.deployment` is set,
-//! and status counted from the group's Connector objects.
+//! `tokenTTL` or when used up), the connector Deployment when `spec.deployment` is set
+//! (with its state slot Secrets and a ServiceAccount, Role and RoleBinding that reach
+//! those slots alone), and status counted from the group's Connector objects.
+//!
+//! State slots are made once and never written again by the operator (their data and
+//! claim annotations belong to the connectors); slots beyond a lowered replica count are
+//! left as they are (the operator never deletes Secrets) but drop out of the Role, and go
+//! with the group.
 
 pub mod build;
 
@@ -8,7 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -69,10 +76,33 @@ pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<
     let desired_secret = build::token_secret(&group, &token, issued_at, fleet_ca.as_deref());
     apply_if_changed(&secrets, desired_secret, existing_secret.as_ref()).await?;
 
-    // The connector Deployment, and nothing else labelled for this group.
+    // The connector Deployment with its state slots and identity, and nothing else
+    // labelled for this group.
     let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &namespace);
+    let accounts = Api::<ServiceAccount>::namespaced(ctx.client.clone(), &namespace);
+    let roles = Api::<Role>::namespaced(ctx.client.clone(), &namespace);
+    let bindings = Api::<RoleBinding>::namespaced(ctx.client.clone(), &namespace);
     let mut keep = Vec::new();
     if let Some(spec) = &group.spec.deployment {
+        let slots = build::state_slot_names(&name, spec.replicas);
+        let existing_slots: Vec<Secret> = secrets
+            .list(&ListParams::default().labels(&group_selector(&name)))
+            .await?
+            .items;
+        for slot in &slots {
+            let existing = existing_slots.iter().find(|s| s.name_any() == *slot);
+            apply_if_changed(&secrets, build::state_slot(&group, slot), existing).await?;
+        }
+        let account = build::connector_service_account(&group);
+        let existing = accounts.get_opt(&deployment_name(&name)).await?;
+        apply_if_changed(&accounts, account, existing.as_ref()).await?;
+        let role = build::connector_role(&group, &slots);
+        let existing = roles.get_opt(&deployment_name(&name)).await?;
+        apply_if_changed(&roles, role, existing.as_ref()).await?;
+        let binding = build::connector_role_binding(&group);
+        let existing = bindings.get_opt(&deployment_name(&name)).await?;
+        apply_if_changed(&bindings, binding, existing.as_ref()).await?;
+
         let desired = build::connector_deployment(
             &group,
             spec,
@@ -84,6 +114,9 @@ pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<
         keep.push(deployment_name(&name));
     }
     delete_orphans(&deployments, &group_selector(&name), &keep).await?;
+    delete_orphans(&bindings, &group_selector(&name), &keep).await?;
+    delete_orphans(&roles, &group_selector(&name), &keep).await?;
+    delete_orphans(&accounts, &group_selector(&name), &keep).await?;
 
     // Status, from the group's Connector objects.
     let connectors: Vec<Connector> = Api::<Connector>::namespaced(ctx.client.clone(), &namespace)

@@ -42,6 +42,9 @@ pub struct FleetSettings {
     /// Host names connectors reach the fleet at: the proxies serve tunnels and the fleet
     /// API on them (the tunnel serving certificate covers the same names).
     pub tunnel_hostnames: Vec<String>,
+    /// Networks (CIDR) of proxies in front of the fleet whose `X-Forwarded-For` the
+    /// proxies believe; empty for none. Passed as `SALLYPORT_TRUSTED_PROXIES`.
+    pub trusted_proxies: Vec<String>,
 }
 
 fn selector_labels() -> BTreeMap<String, String> {
@@ -124,15 +127,25 @@ pub fn proxy_deployment(settings: &FleetSettings) -> Deployment {
             "--fleet-config".to_owned(),
             CONFIG_MAP.to_owned(),
         ]),
-        env: Some(vec![
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-            EnvVar {
-                name: "SALLYPORT_TUNNEL_HOSTNAMES".to_owned(),
-                value: Some(settings.tunnel_hostnames.join(",")),
+        env: Some(
+            vec![
+                field_env("POD_NAME", "metadata.name"),
+                field_env("POD_NAMESPACE", "metadata.namespace"),
+                EnvVar {
+                    name: "SALLYPORT_TUNNEL_HOSTNAMES".to_owned(),
+                    value: Some(settings.tunnel_hostnames.join(",")),
+                    value_from: None,
+                },
+            ]
+            .into_iter()
+            // Only when set: pods of a fleet without trusted proxies stay as they were.
+            .chain((!settings.trusted_proxies.is_empty()).then(|| EnvVar {
+                name: "SALLYPORT_TRUSTED_PROXIES".to_owned(),
+                value: Some(settings.trusted_proxies.join(",")),
                 value_from: None,
-            },
-        ]),
+            }))
+            .collect(),
+        ),
         ports: Some(vec![
             ContainerPort {
                 name: Some("https".to_owned()),
@@ -287,7 +300,32 @@ mod tests {
                 "tunnel.example.com".into(),
                 "sallyport-proxy.sallyport-system.svc".into(),
             ],
+            trusted_proxies: vec![],
         }
+    }
+
+    fn env(settings: &FleetSettings, name: &str) -> Option<String> {
+        let deployment = proxy_deployment(settings);
+        let pod = deployment.spec?.template.spec?;
+        let container = pod.containers.into_iter().next()?;
+        container
+            .env?
+            .into_iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value)
+    }
+
+    #[test]
+    fn trusted_proxies_reach_the_proxy_pods_only_when_set() {
+        assert_eq!(env(&settings(), "SALLYPORT_TRUSTED_PROXIES"), None);
+        let trusting = FleetSettings {
+            trusted_proxies: vec!["10.0.0.0/8".into(), "fd00::/8".into()],
+            ..settings()
+        };
+        assert_eq!(
+            env(&trusting, "SALLYPORT_TRUSTED_PROXIES").as_deref(),
+            Some("10.0.0.0/8,fd00::/8")
+        );
     }
 
     #[test]

@@ -11,17 +11,15 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use base64::Engine;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use serde::{Deserialize, Serialize};
+use sallyport_identity::{AssertionKeys, AssertionKeysError, SessionKeys, SessionKeysError};
 use x509_parser::extensions::GeneralName;
 use x509_parser::pem::parse_x509_pem;
 
@@ -37,6 +35,10 @@ pub const TUNNEL_TLS: &str = "sallyport-tunnel-tls";
 pub const SESSION_KEYS: &str = "sallyport-session-keys";
 /// The Secret of the identity-assertion signing key.
 pub const ASSERTION_SIGNING: &str = "sallyport-assertion-signing";
+/// The key of the session key ring (JSON) in [`SESSION_KEYS`].
+pub const SESSION_KEYS_KEY: &str = "keys.json";
+/// The key of the signing key (PEM bundle) in [`ASSERTION_SIGNING`].
+pub const ASSERTION_KEY: &str = "key.pem";
 /// The label naming a PKI Secret's role.
 pub const PKI_ROLE_LABEL: &str = "sallyport.dev/pki";
 
@@ -69,12 +71,12 @@ pub enum PkiError {
     /// The root CA Secret cannot be used to sign.
     #[error("Secret {ROOT_CA} is unusable: {0}")]
     RootUnusable(String),
-    /// The operating system gave no random bytes.
-    #[error("cannot generate a session key: {0}")]
-    Random(getrandom::Error),
-    /// Serializing the key ring failed.
-    #[error("cannot serialize the session key ring: {0}")]
-    Serialize(#[from] serde_json::Error),
+    /// The session key ring could not be made or rotated.
+    #[error("Secret {SESSION_KEYS}: {0}")]
+    SessionKeys(#[source] SessionKeysError),
+    /// The assertion signing key could not be made.
+    #[error("Secret {ASSERTION_SIGNING}: {0}")]
+    AssertionKey(#[source] AssertionKeysError),
 }
 
 /// Whether a PKI Secret stays or is replaced.
@@ -318,111 +320,90 @@ pub fn tunnel_serving(
     ))
 }
 
-/// One session-cookie encryption key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SessionKey {
-    /// Key id, carried in each cookie so the right key opens it.
-    pub id: String,
-    /// 32 random bytes, base64.
-    pub key: String,
-    /// When the key was made.
-    pub created_at: Timestamp,
-}
-
-/// The session-cookie key ring: the first key seals new cookies; every key opens them,
-/// so rotating signs nobody out.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyRing {
-    /// Newest first.
-    pub keys: Vec<SessionKey>,
-}
+/// The session-cookie key ring (the format is `sallyport_identity::SessionKeys`'s: one
+/// active key seals, every key opens, so rotating signs nobody out).
+#[derive(Debug)]
+pub struct KeyRing(pub Option<SessionKeys>);
 
 /// How often the session key rotates and how many keys the ring keeps.
 #[derive(Debug, Clone, Copy)]
 pub struct Rotation {
-    /// A new primary key once the current one is this old.
+    /// A new active key once the current one is this old.
     pub every: Duration,
-    /// Keys kept in the ring (the primary included).
+    /// Keys kept in the ring (the active one included): a retired key stays for
+    /// `every x (keep - 1)`, so sessions younger than that still open.
     pub keep: usize,
 }
 
 impl KeyRing {
-    /// Reads the ring from its Secret; an unreadable ring counts as empty.
+    /// Reads the ring from its Secret; an absent or unreadable ring is `None` (and is
+    /// replaced: everyone signs in again).
     pub fn from_secret(secret: Option<&Secret>) -> Self {
-        secret
-            .and_then(|s| field(s, "keys.json"))
-            .and_then(|b| serde_json::from_slice(b).ok())
-            .unwrap_or_default()
+        Self(
+            secret
+                .and_then(|s| field(s, SESSION_KEYS_KEY))
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .and_then(|text| SessionKeys::parse(text).ok()),
+        )
     }
 
-    /// The ring after rotation at `now`, or `None` when the primary key is still fresh.
-    pub fn rotated(&self, now: Timestamp, rotation: Rotation) -> Result<Option<Self>, PkiError> {
-        let fresh = self.keys.first().is_some_and(|primary| {
-            let age = now.duration_since(primary.created_at);
-            age >= SignedDuration::ZERO
-                && age < SignedDuration::try_from(rotation.every).unwrap_or(SignedDuration::MAX)
-        });
+    /// The ring after rotation at `now`, or `None` when the active key is still fresh.
+    pub fn rotated(
+        &self,
+        now: Timestamp,
+        rotation: Rotation,
+    ) -> Result<Option<SessionKeys>, PkiError> {
+        let now = u64::try_from(now.as_second()).unwrap_or(0);
+        let every = rotation.every.as_secs();
+        let Some(ring) = &self.0 else {
+            return SessionKeys::generate(now)
+                .map(Some)
+                .map_err(PkiError::SessionKeys);
+        };
+        let fresh = ring
+            .active_created()
+            .is_some_and(|created| created <= now && now - created < every);
         if fresh {
             return Ok(None);
         }
-        let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes).map_err(PkiError::Random)?;
-        let mut id = [0u8; 8];
-        getrandom::fill(&mut id).map_err(PkiError::Random)?;
-        let mut keys = vec![SessionKey {
-            id: URL_SAFE_NO_PAD.encode(id),
-            key: STANDARD.encode(bytes),
-            created_at: now,
-        }];
-        keys.extend(
-            self.keys
-                .iter()
-                .take(rotation.keep.saturating_sub(1))
-                .cloned(),
-        );
-        Ok(Some(Self { keys }))
-    }
-
-    /// The ring as its Secret.
-    pub fn to_secret(&self, namespace: &str) -> Result<Secret, PkiError> {
-        Ok(secret(
-            SESSION_KEYS,
-            namespace,
-            "session-keys",
-            "Opaque",
-            BTreeMap::from([("keys.json".to_owned(), serde_json::to_vec_pretty(self)?)]),
-        ))
+        // A key retired exactly `every x (keep - 1)` ago goes: the ring then holds `keep`.
+        let keep_retired = every
+            .saturating_mul(rotation.keep.saturating_sub(1) as u64)
+            .saturating_sub(1);
+        let mut rotated = SessionKeys::parse(&ring.to_json()).map_err(PkiError::SessionKeys)?;
+        rotated
+            .rotate(now, keep_retired)
+            .map_err(PkiError::SessionKeys)?;
+        Ok(Some(rotated))
     }
 }
 
-/// A new ES256 key for identity assertions, with its public JWKS, as the
-/// `sallyport-assertion-signing` Secret.
-pub fn assertion_signing_key(namespace: &str, now: Timestamp) -> Result<Secret, PkiError> {
-    let key = KeyPair::generate().map_err(|source| PkiError::Generate {
-        what: "assertion signing key",
-        source,
-    })?;
-    // The raw public key is the uncompressed P-256 point: 0x04 || x || y.
-    let point = key.public_key_raw();
-    let (x, y) = point
-        .get(1..)
-        .map(|xy| xy.split_at(xy.len() / 2))
-        .unwrap_or_default();
-    let kid = format!("sallyport-{}", now.as_second());
-    let jwks = serde_json::json!({"keys": [{
-        "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
-        "x": URL_SAFE_NO_PAD.encode(x), "y": URL_SAFE_NO_PAD.encode(y),
-    }]});
+/// The Secret of `ring`.
+pub fn session_keys_secret(ring: &SessionKeys, namespace: &str) -> Secret {
+    secret(
+        SESSION_KEYS,
+        namespace,
+        "session-keys",
+        "Opaque",
+        BTreeMap::from([(SESSION_KEYS_KEY.to_owned(), ring.to_json().into_bytes())]),
+    )
+}
+
+/// A new ES256 key for identity assertions as the `sallyport-assertion-signing` Secret:
+/// `key.pem` (the PEM bundle the proxies sign with), and for reference its `kid` and
+/// public `jwks.json` (what every app host serves at `/.sallyport/jwks.json`).
+pub fn assertion_signing_key(namespace: &str) -> Result<Secret, PkiError> {
+    let pem = AssertionKeys::generate_pem().map_err(PkiError::AssertionKey)?;
+    let keys = AssertionKeys::from_pem(&pem).map_err(PkiError::AssertionKey)?;
     Ok(secret(
         ASSERTION_SIGNING,
         namespace,
         "assertion-signing",
         "Opaque",
         BTreeMap::from([
-            ("key.pem".to_owned(), key.serialize_pem().into_bytes()),
-            ("kid".to_owned(), kid.into_bytes()),
-            ("jwks.json".to_owned(), serde_json::to_vec_pretty(&jwks)?),
+            (ASSERTION_KEY.to_owned(), pem.into_bytes()),
+            ("kid".to_owned(), keys.kid().as_bytes().to_vec()),
+            ("jwks.json".to_owned(), keys.jwks().as_bytes().to_vec()),
         ]),
     ))
 }
@@ -543,32 +524,40 @@ mod tests {
             every: Duration::from_secs(86_400),
             keep: 3,
         };
-        let first = ok(KeyRing::default().rotated(at("2026-01-01T00:00:00Z"), rotation))
-            .unwrap_or_default();
-        assert_eq!(first.keys.len(), 1);
-        assert_eq!(ok(STANDARD.decode(&first.keys[0].key)).len(), 32);
+        let first = ok(KeyRing(None).rotated(at("2026-01-01T00:00:00Z"), rotation))
+            .unwrap_or_else(|| panic!("an empty ring gets a key"));
+        assert_eq!(first.ids().count(), 1);
+        let first_id = first.active_id().to_owned();
+        let secret = session_keys_secret(&first, "ops");
         assert_eq!(
-            ok(first.rotated(at("2026-01-01T12:00:00Z"), rotation)),
-            None
+            ok(KeyRing::from_secret(Some(&secret)).rotated(at("2026-01-01T12:00:00Z"), rotation))
+                .map(|r| r.active_id().to_owned()),
+            None,
+            "a fresh key stays"
         );
-        let mut ring = first.clone();
-        for day in 2..=5 {
-            ring = ok(ring.rotated(at(&format!("2026-01-0{day}T00:00:00Z")), rotation))
-                .unwrap_or_default();
+        let mut secret = secret;
+        for day in 2..=6 {
+            let rotated = ok(KeyRing::from_secret(Some(&secret))
+                .rotated(at(&format!("2026-01-0{day}T00:00:00Z")), rotation))
+            .unwrap_or_else(|| panic!("day {day}: the key is a day old"));
+            secret = session_keys_secret(&rotated, "ops");
         }
-        assert_eq!(ring.keys.len(), 3);
-        assert_eq!(ring.keys[0].created_at, at("2026-01-05T00:00:00Z"));
+        let ring = KeyRing::from_secret(Some(&secret))
+            .0
+            .unwrap_or_else(|| panic!("the ring reads back"));
+        assert_eq!(ring.ids().count(), 3, "{ring:?}");
         assert!(
-            !ring.keys.iter().any(|k| k.id == first.keys[0].id),
+            !ring.ids().any(|id| id == first_id),
             "the oldest key must have left the ring"
         );
-        let secret = ok(ring.to_secret("ops"));
-        assert_eq!(KeyRing::from_secret(Some(&secret)), ring);
     }
 
     #[test]
     fn the_assertion_key_publishes_its_public_half() {
-        let secret = ok(assertion_signing_key("ops", at("2026-01-01T00:00:00Z")));
+        let secret = ok(assertion_signing_key("ops"));
+        let pem =
+            String::from_utf8_lossy(field(&secret, ASSERTION_KEY).unwrap_or_default()).into_owned();
+        let keys = ok(AssertionKeys::from_pem(&pem));
         let jwks: serde_json::Value = ok(serde_json::from_slice(
             field(&secret, "jwks.json").unwrap_or_default(),
         ));
@@ -577,21 +566,14 @@ mod tests {
             (
                 key["kty"].as_str(),
                 key["crv"].as_str(),
-                key["alg"].as_str()
+                key["kid"].as_str()
             ),
-            (Some("EC"), Some("P-256"), Some("ES256"))
-        );
-        for coordinate in ["x", "y"] {
-            let bytes = ok(URL_SAFE_NO_PAD.decode(key[coordinate].as_str().unwrap_or_default()));
-            assert_eq!(bytes.len(), 32, "{coordinate}");
-        }
-        assert!(
-            String::from_utf8_lossy(field(&secret, "key.pem").unwrap_or_default())
-                .contains("PRIVATE KEY")
+            (Some("EC"), Some("P-256"), Some(keys.kid()))
         );
         assert!(
             !String::from_utf8_lossy(field(&secret, "jwks.json").unwrap_or_default())
-                .contains("\"d\"")
+                .contains("\"d\""),
+            "the JWKS must not carry the private key"
         );
     }
 }

@@ -121,14 +121,14 @@ pub async fn reconcile(client: &kube::Client, settings: &PkiSettings) -> Result<
         .rotated(now, settings.session_key_rotation)
         .map_err(Error::Pki)?
     {
-        let reason = if ring.keys.is_empty() {
-            "missing"
+        let reason = if ring.0.is_none() {
+            "missing or unreadable"
         } else {
             "rotation due"
         };
         write(
             &api,
-            &rotated.to_secret(namespace).map_err(Error::Pki)?,
+            &build::session_keys_secret(&rotated, namespace),
             SESSION_KEYS,
             reason,
         )
@@ -136,12 +136,19 @@ pub async fn reconcile(client: &kube::Client, settings: &PkiSettings) -> Result<
         written += 1;
     }
 
-    if api.get_opt(ASSERTION_SIGNING).await?.is_none() {
+    let assertion_usable = api
+        .get_opt(ASSERTION_SIGNING)
+        .await?
+        .as_ref()
+        .and_then(|s| s.data.as_ref()?.get(build::ASSERTION_KEY).cloned())
+        .and_then(|pem| String::from_utf8(pem.0).ok())
+        .is_some_and(|pem| sallyport_identity::AssertionKeys::from_pem(&pem).is_ok());
+    if !assertion_usable {
         write(
             &api,
-            &build::assertion_signing_key(namespace, now).map_err(Error::Pki)?,
+            &build::assertion_signing_key(namespace).map_err(Error::Pki)?,
             ASSERTION_SIGNING,
-            "missing",
+            "missing or unusable",
         )
         .await?;
         written += 1;

@@ -9,6 +9,7 @@ use kube::api::{Api, ListParams};
 use sallyport_api::published_app::PreAuthenticationType;
 use sallyport_api::{ConditionalAccessPolicy, ConnectorGroup, PublishedApp};
 
+use super::backend_ca::{self, BackendCaLookup};
 use super::routes::route_holder;
 use super::validate::{ClientSecretLookup, GroupLookup, References, TlsLookup};
 use crate::context::Context;
@@ -17,8 +18,8 @@ use crate::external_url::ExternalUrl;
 use crate::policy_selection::{AppliedPolicies, applied_policies};
 use crate::tls::check_tls_secret;
 
-/// Reads the app's ConnectorGroup, namespace, TLS Secret, OIDC client Secret and
-/// policies, and finds any older app holding its route.
+/// Reads the app's ConnectorGroup, namespace, TLS Secret, OIDC client Secret, backend CA
+/// Secret and policies, and finds any older app holding its route.
 pub async fn dereference(
     app: &PublishedApp,
     ctx: &Context,
@@ -95,6 +96,11 @@ pub async fn dereference(
         }
     };
 
+    let backend_ca = match backend_ca::app_reference(app) {
+        None => BackendCaLookup::NotNeeded,
+        Some(reference) => backend_ca::read(&ctx.client, &reference).await?.1,
+    };
+
     let mut policies = Api::<ConditionalAccessPolicy>::namespaced(ctx.client.clone(), &namespace)
         .list(&ListParams::default())
         .await?
@@ -117,6 +123,7 @@ pub async fn dereference(
         group,
         tls,
         client_secret,
+        backend_ca,
         default_oidc_provider: ctx.config.default_oidc_provider,
         missing_policies: applied.missing.clone(),
         route_holder: route_holder(app, apps.iter().map(|a| a.as_ref())),

@@ -1,6 +1,7 @@
 //! The PublishedApp controller: dereference -> validate -> (build -> apply: with the fleet
 //! configuration) -> status.
 
+pub mod backend_ca;
 pub mod dereference;
 pub mod routes;
 pub mod validate;

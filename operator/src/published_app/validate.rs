@@ -8,6 +8,7 @@ use sallyport_api::connector_group::NamespacesFrom;
 use sallyport_api::published_app::{ConnectorGroupReadiness, PreAuthenticationType};
 use sallyport_api::{ConnectorGroup, PublishedApp};
 
+use super::backend_ca::BackendCaLookup;
 use crate::conditions::Verdict;
 use crate::external_url::ExternalUrl;
 
@@ -82,6 +83,8 @@ pub struct References {
     pub tls: TlsLookup,
     /// The OIDC client Secret.
     pub client_secret: ClientSecretLookup,
+    /// The backend CA Secret key (`spec.backend.tls.caSecretRef`).
+    pub backend_ca: BackendCaLookup,
     /// Whether the fleet has a default OIDC provider, for apps that name none.
     pub default_oidc_provider: bool,
     /// Policies the app names that do not exist.
@@ -201,6 +204,9 @@ pub fn assess(app: &PublishedApp, references: &References) -> Assessment {
     if let ClientSecretLookup::Missing { what } = &references.client_secret {
         problems.push(("OIDCClientSecretNotFound", what.clone()));
     }
+    if let Some((reason, what)) = references.backend_ca.problem() {
+        problems.push((reason, format!("{what} (spec.backend.tls.caSecretRef)")));
+    }
     if !references.missing_policies.is_empty() {
         problems.push((
             "PolicyNotFound",
@@ -281,6 +287,7 @@ mod tests {
             },
             tls: TlsLookup::Valid,
             client_secret: ClientSecretLookup::NotNeeded,
+            backend_ca: BackendCaLookup::NotNeeded,
             default_oidc_provider: true,
             missing_policies: vec![],
             route_holder: None,
@@ -393,6 +400,34 @@ mod tests {
                 resolved_refs.message
             );
         }
+    }
+
+    #[test]
+    fn an_unusable_backend_ca_is_an_unresolved_reference() {
+        let mut references = resolved(group("{from: All}", 1));
+        references.backend_ca = BackendCaLookup::NotFound {
+            what: "backend CA Secret team-a/corp-ca has no key ca.crt".into(),
+        };
+        let assessment = assess(&app(""), &references);
+        let resolved_refs = &assessment.verdicts[1];
+        assert_eq!(
+            (resolved_refs.status, resolved_refs.reason),
+            (false, "BackendCASecretNotFound")
+        );
+        assert_eq!(
+            resolved_refs.message,
+            "backend CA Secret team-a/corp-ca has no key ca.crt (spec.backend.tls.caSecretRef)"
+        );
+        assert_eq!(assessment.verdicts[2].reason, "RefsNotResolved");
+        references.backend_ca = BackendCaLookup::Invalid {
+            what: "backend CA Secret team-a/corp-ca key ca.crt holds no PEM certificate".into(),
+        };
+        assert_eq!(
+            assess(&app(""), &references).verdicts[1].reason,
+            "BackendCASecretInvalid"
+        );
+        references.backend_ca = BackendCaLookup::Found { pem: "PEM".into() };
+        assert!(assess(&app(""), &references).verdicts[1].status);
     }
 
     #[test]

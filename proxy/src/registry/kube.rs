@@ -72,7 +72,14 @@ impl KubeRegistry {
         Self { client }
     }
 
-    async fn redeem_token(&self, group_id: &str, presented: &str) -> Result<(), RegistrationError> {
+    /// Checks the presented token against the group's token Secret and, when `spend`,
+    /// counts a use with an optimistic-concurrency write.
+    async fn redeem_token(
+        &self,
+        group_id: &str,
+        presented: &str,
+        spend: bool,
+    ) -> Result<(), RegistrationError> {
         let invalid = |detail: String| RegistrationError::TokenInvalid {
             group: group_id.to_owned(),
             detail,
@@ -116,6 +123,9 @@ impl KubeRegistry {
                     group: group_id.to_owned(),
                     max_uses: state.max_uses,
                 });
+            }
+            if !spend {
+                return Ok(());
             }
             secret.annotations_mut().insert(
                 USES_ANNOTATION.to_owned(),
@@ -300,7 +310,15 @@ impl Registry for KubeRegistry {
         group_id: &'a str,
         presented_token: &'a str,
     ) -> BoxFuture<'a, Result<(), RegistrationError>> {
-        Box::pin(self.redeem_token(group_id, presented_token))
+        Box::pin(self.redeem_token(group_id, presented_token, true))
+    }
+
+    fn check<'a>(
+        &'a self,
+        group_id: &'a str,
+        presented_token: &'a str,
+    ) -> BoxFuture<'a, Result<(), RegistrationError>> {
+        Box::pin(self.redeem_token(group_id, presented_token, false))
     }
 
     fn record(&self, record: ConnectorRecord) -> BoxFuture<'_, Result<(), RegistrationError>> {

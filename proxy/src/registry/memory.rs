@@ -88,11 +88,13 @@ impl MemoryRegistry {
             .sum()
     }
 
+    /// Checks the token and, when `spend`, counts a use.
     fn redeem_now(
         &self,
         group_id: &str,
         presented: &str,
         now: OffsetDateTime,
+        spend: bool,
     ) -> Result<(), RegistrationError> {
         let mut tokens = lock(&self.tokens);
         // Compare with every token of the group, so the time taken does not tell which
@@ -125,7 +127,9 @@ impl MemoryRegistry {
                 max_uses,
             });
         }
-        token.uses = token.uses.saturating_add(1);
+        if spend {
+            token.uses = token.uses.saturating_add(1);
+        }
         Ok(())
     }
 }
@@ -136,9 +140,19 @@ impl Registry for MemoryRegistry {
         group_id: &'a str,
         presented_token: &'a str,
     ) -> BoxFuture<'a, Result<(), RegistrationError>> {
-        Box::pin(
-            async move { self.redeem_now(group_id, presented_token, OffsetDateTime::now_utc()) },
-        )
+        Box::pin(async move {
+            self.redeem_now(group_id, presented_token, OffsetDateTime::now_utc(), true)
+        })
+    }
+
+    fn check<'a>(
+        &'a self,
+        group_id: &'a str,
+        presented_token: &'a str,
+    ) -> BoxFuture<'a, Result<(), RegistrationError>> {
+        Box::pin(async move {
+            self.redeem_now(group_id, presented_token, OffsetDateTime::now_utc(), false)
+        })
     }
 
     fn record(&self, record: ConnectorRecord) -> BoxFuture<'_, Result<(), RegistrationError>> {
@@ -217,6 +231,42 @@ mod tests {
             );
         }
         assert_eq!(registry.uses("infra/west"), 5);
+    }
+
+    #[tokio::test]
+    async fn checks_spend_nothing() {
+        let registry = MemoryRegistry::new(vec![
+            token("infra/east", "east-token", Some(3600), 1),
+            token("infra/old", "old-token", Some(-1), 0),
+        ]);
+        for _ in 0..3 {
+            assert_eq!(
+                reason(registry.check("infra/east", "east-token").await),
+                "Ok"
+            );
+        }
+        assert_eq!(registry.uses("infra/east"), 0);
+        assert_eq!(
+            reason(registry.check("infra/east", "wrong").await),
+            "TokenInvalid"
+        );
+        assert_eq!(
+            reason(registry.check("infra/none", "east-token").await),
+            "TokenInvalid"
+        );
+        assert_eq!(
+            reason(registry.check("infra/old", "old-token").await),
+            "TokenExpired"
+        );
+        assert_eq!(
+            reason(registry.redeem("infra/east", "east-token").await),
+            "Ok"
+        );
+        assert_eq!(
+            reason(registry.check("infra/east", "east-token").await),
+            "TokenUsedUp"
+        );
+        assert_eq!(registry.uses("infra/east"), 1);
     }
 
     #[tokio::test]

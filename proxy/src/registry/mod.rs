@@ -151,6 +151,16 @@ pub trait Registry: Send + Sync {
         presented_token: &'a str,
     ) -> BoxFuture<'a, Result<(), RegistrationError>>;
 
+    /// Checks `presented_token` as [`Registry::redeem`] does (exists, matches, not
+    /// expired, uses left) *without* counting a use: whether a registration with it would
+    /// be accepted now. For a group the fleet configuration does not hold yet, so that a
+    /// connector holding a valid token can be told to come back.
+    fn check<'a>(
+        &'a self,
+        group_id: &'a str,
+        presented_token: &'a str,
+    ) -> BoxFuture<'a, Result<(), RegistrationError>>;
+
     /// Records a connector and its newest certificate.
     fn record(&self, record: ConnectorRecord) -> BoxFuture<'_, Result<(), RegistrationError>>;
 
@@ -229,6 +239,13 @@ mod tests {
     struct Nothing;
     impl Registry for Nothing {
         fn redeem<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+        ) -> BoxFuture<'a, Result<(), RegistrationError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn check<'a>(
             &'a self,
             _: &'a str,
             _: &'a str,
