@@ -97,6 +97,12 @@ pub struct RunArgs {
     )]
     pub default_oidc_client_id: String,
 
+    /// The client secret of the default provider's client, as NAMESPACE/NAME/KEY of a
+    /// Secret (e.g. `sallyport-system/default-oidc/client-secret`). Without it the client
+    /// is public (PKCE only), which the provider must allow.
+    #[arg(long, env = "SALLYPORT_DEFAULT_OIDC_CLIENT_SECRET", value_parser = parse_secret_key_ref)]
+    pub default_oidc_client_secret: Option<sallyport_api::fleet_config::SecretKeyRef>,
+
     /// The connector image for ConnectorGroups whose spec.deployment names none.
     #[arg(long, env = "SALLYPORT_CONNECTOR_IMAGE", default_value = concat!("ghcr.io/sallyport-dev/sallyport-connector:", env!("CARGO_PKG_VERSION")))]
     pub connector_image: String,
@@ -226,7 +232,10 @@ impl RunArgs {
                     sallyport_api::fleet_config::SecretRef { namespace, name }
                 }),
                 oidc: self.default_oidc_issuer.as_ref().map(|issuer| {
-                    compile::DefaultOidcClient::new(issuer, &self.default_oidc_client_id)
+                    let mut client =
+                        compile::DefaultOidcClient::new(issuer, &self.default_oidc_client_id);
+                    client.client_secret_ref = self.default_oidc_client_secret.clone();
+                    client
                 }),
                 ..compile::FleetDefaults::default()
             },
@@ -258,6 +267,22 @@ fn parse_namespaced_name(text: &str) -> Result<(String, String), String> {
             Ok((namespace.to_owned(), name.to_owned()))
         }
         _ => Err(format!("{text:?} is not NAMESPACE/NAME")),
+    }
+}
+
+fn parse_secret_key_ref(text: &str) -> Result<sallyport_api::fleet_config::SecretKeyRef, String> {
+    let mut parts = text.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(namespace), Some(name), Some(key), None)
+            if !namespace.is_empty() && !name.is_empty() && !key.is_empty() =>
+        {
+            Ok(sallyport_api::fleet_config::SecretKeyRef {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                key: key.to_owned(),
+            })
+        }
+        _ => Err(format!("{text:?} is not NAMESPACE/NAME/KEY")),
     }
 }
 
@@ -368,6 +393,47 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    #[test]
+    fn the_default_provider_may_have_a_client_secret() {
+        let cli = Cli::parse_from([
+            "sallyport-operator",
+            "run",
+            "--default-oidc-issuer",
+            "https://login.example.com/",
+            "--default-oidc-client-secret",
+            "platform/default-oidc/client-secret",
+        ]);
+        let Some(Command::Run(args)) = cli.command else {
+            panic!("expected run")
+        };
+        let config = args.config();
+        let secret = config
+            .fleet_defaults
+            .oidc
+            .and_then(|oidc| oidc.client_secret_ref)
+            .map(|r| (r.namespace, r.name, r.key));
+        assert_eq!(
+            secret,
+            Some((
+                "platform".to_owned(),
+                "default-oidc".to_owned(),
+                "client-secret".to_owned()
+            ))
+        );
+        for bad in ["platform/default-oidc", "a/b/c/d", "/b/c", "a//c"] {
+            assert!(
+                Cli::try_parse_from([
+                    "sallyport-operator",
+                    "run",
+                    "--default-oidc-client-secret",
+                    bad
+                ])
+                .is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
