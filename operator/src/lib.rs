@@ -100,8 +100,8 @@ pub struct RunArgs {
     /// The client secret of the default provider's client, as NAMESPACE/NAME/KEY of a
     /// Secret (e.g. `sallyport-system/default-oidc/client-secret`). Without it the client
     /// is public (PKCE only), which the provider must allow.
-    #[arg(long, env = "SALLYPORT_DEFAULT_OIDC_CLIENT_SECRET", value_parser = parse_secret_key_ref)]
-    pub default_oidc_client_secret: Option<sallyport_api::fleet_config::SecretKeyRef>,
+    #[arg(long, env = "SALLYPORT_DEFAULT_OIDC_CLIENT_SECRET", value_parser = check_secret_key_ref)]
+    pub default_oidc_client_secret: Option<String>,
 
     /// The connector image for ConnectorGroups whose spec.deployment names none.
     #[arg(long, env = "SALLYPORT_CONNECTOR_IMAGE", default_value = concat!("ghcr.io/sallyport-dev/sallyport-connector:", env!("CARGO_PKG_VERSION")))]
@@ -234,7 +234,10 @@ impl RunArgs {
                 oidc: self.default_oidc_issuer.as_ref().map(|issuer| {
                     let mut client =
                         compile::DefaultOidcClient::new(issuer, &self.default_oidc_client_id);
-                    client.client_secret_ref = self.default_oidc_client_secret.clone();
+                    client.client_secret_ref = self
+                        .default_oidc_client_secret
+                        .as_deref()
+                        .and_then(|text| parse_secret_key_ref(text).ok());
                     client
                 }),
                 ..compile::FleetDefaults::default()
@@ -284,6 +287,10 @@ fn parse_secret_key_ref(text: &str) -> Result<sallyport_api::fleet_config::Secre
         }
         _ => Err(format!("{text:?} is not NAMESPACE/NAME/KEY")),
     }
+}
+
+fn check_secret_key_ref(text: &str) -> Result<String, String> {
+    parse_secret_key_ref(text).map(|_| text.to_owned())
 }
 
 pub use sallyport_service::init_tracing;
