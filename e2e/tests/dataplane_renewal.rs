@@ -218,10 +218,14 @@ async fn a_connector_renews_under_load_and_dials_with_its_new_certificate() -> T
     );
 
     // New tunnels: stop proxy-b, let an observer take its address, and look at the
-    // certificate the connector presents when it dials there again.
+    // certificate the connector presents when it dials there again. proxy-b is killed
+    // (SIGKILL): its Lease stays until it expires, so connectors keep redialling its
+    // address; a graceful stop takes it out of the fleet first and connectors let it go.
     let b = 1;
     let ports = fleet.proxies[b].ports;
-    fleet.proxies[b].process.terminate()?;
+    fleet.proxies[b]
+        .process
+        .signal(nix::sys::signal::Signal::SIGKILL)?;
     fleet.proxies[b]
         .process
         .wait_for_exit(Duration::from_secs(40))
