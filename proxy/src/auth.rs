@@ -383,13 +383,7 @@ impl Authenticator {
                 "signInUrl": sign_in,
                 "requestId": request_id,
             });
-            let mut response = Response::new(full(body.to_string()));
-            *response.status_mut() = StatusCode::UNAUTHORIZED;
-            let headers = response.headers_mut();
-            headers.insert(header::CONTENT_TYPE, JSON);
-            headers.insert(header::CACHE_CONTROL, NO_STORE);
-            headers.insert(header::X_CONTENT_TYPE_OPTIONS, NOSNIFF);
-            return response;
+            return own_answer(StatusCode::UNAUTHORIZED, JSON, body.to_string(), None);
         }
         let fallback = html_escape(&sign_in);
         let body = format!(
@@ -398,17 +392,12 @@ impl Authenticator {
              <noscript><meta http-equiv=\"refresh\" content=\"0;url={fallback}\"></noscript></head>\
              <body><p>Signing you in&hellip; <a href=\"{fallback}\">Continue</a></p></body></html>"
         );
-        let mut response = Response::new(full(body));
-        *response.status_mut() = StatusCode::UNAUTHORIZED;
-        let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HTML);
-        headers.insert(header::CACHE_CONTROL, NO_STORE);
-        headers.insert(header::X_CONTENT_TYPE_OPTIONS, NOSNIFF);
-        headers.insert(
-            header::CONTENT_SECURITY_POLICY,
-            self.interstitial_csp.clone(),
-        );
-        response
+        own_answer(
+            StatusCode::UNAUTHORIZED,
+            HTML,
+            body,
+            Some(self.interstitial_csp.clone()),
+        )
     }
 
     async fn sign_in(
@@ -982,17 +971,32 @@ fn continue_page(location: &str) -> Response<TunnelBody> {
          <meta http-equiv=\"refresh\" content=\"0;url={target}\"></head>\
          <body><p>Signed in. <a href=\"{target}\">Continue</a></p></body></html>"
     );
+    own_answer(
+        StatusCode::OK,
+        HTML,
+        body,
+        Some(HeaderValue::from_static(
+            "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        )),
+    )
+}
+
+/// One of the proxy's own sign-in answers: never cached, never sniffed, with `csp`.
+fn own_answer(
+    status: StatusCode,
+    content_type: HeaderValue,
+    body: String,
+    csp: Option<HeaderValue>,
+) -> Response<TunnelBody> {
     let mut response = Response::new(full(body));
+    *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HTML);
+    headers.insert(header::CONTENT_TYPE, content_type);
     headers.insert(header::CACHE_CONTROL, NO_STORE);
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, NOSNIFF);
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-        ),
-    );
+    if let Some(csp) = csp {
+        headers.insert(header::CONTENT_SECURITY_POLICY, csp);
+    }
     response
 }
 
