@@ -261,6 +261,39 @@ pub fn nginx_temp_paths(nginx: &Path, dir: &Path) -> Result<String, std::io::Err
     Ok(temp_paths)
 }
 
+/// Starts `nginx` with `config` (written to `<dir>/nginx.conf`, prefix `dir`, errors to
+/// its output) and waits up to 10 s until it listens on `address`.
+pub async fn run_nginx(
+    nginx: &Path,
+    dir: &Path,
+    config: &str,
+    address: SocketAddr,
+) -> Result<OwnedProcess, StepError> {
+    let config_file = dir.join("nginx.conf");
+    std::fs::write(&config_file, config)?;
+    let prefix = format!("{}/", dir.display());
+    let config_arg = config_file.display().to_string();
+    let mut process = OwnedProcess::start_program(
+        nginx,
+        &["-p", &prefix, "-e", "stderr", "-c", &config_arg],
+        &[],
+        true,
+    )?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if !process.is_running() {
+            return Err(format!("nginx exited at start: {}", process.output()).into());
+        }
+        if TcpStream::connect(address).await.is_ok() {
+            return Ok(process);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("nginx does not listen on {address}: {}", process.output()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A PEM file in a fleet's PKI directory that, when present, proxies started there trust
 /// for identity providers (`--identity-provider-ca-file`).
 pub const IDENTITY_PROVIDER_CA_FILE: &str = "identity-provider-ca.crt";
@@ -1610,31 +1643,7 @@ http {{
             dir = dir.path().display(),
             root = root.display(),
         );
-        let config_file = dir.path().join("nginx.conf");
-        std::fs::write(&config_file, config)?;
-        let prefix = format!("{}/", dir.path().display());
-        let config_arg = config_file.display().to_string();
-        let mut process = OwnedProcess::start_program(
-            &nginx,
-            &["-p", &prefix, "-e", "stderr", "-c", &config_arg],
-            &[],
-            true,
-        )?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if !process.is_running() {
-                return Err(format!("nginx exited at start: {}", process.output()).into());
-            }
-            if TcpStream::connect(address).await.is_ok() {
-                break;
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(
-                    format!("nginx does not listen on {address}: {}", process.output()).into(),
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let process = run_nginx(&nginx, dir.path(), &config, address).await?;
         Ok(Self {
             address,
             root,

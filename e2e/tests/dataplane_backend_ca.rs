@@ -14,7 +14,6 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
@@ -28,7 +27,6 @@ use sallyport_e2e::dataplane::{
 };
 use sallyport_e2e::process::OwnedProcess;
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
 
 type TestResult = Result<(), StepError>;
 
@@ -108,25 +106,8 @@ http {{
             key = key.display(),
             root = root.display(),
         );
-        let config_file = dir.path().join("nginx.conf");
-        std::fs::write(&config_file, config)?;
-        let prefix = format!("{}/", dir.path().display());
-        let config_arg = config_file.display().to_string();
-        let mut process = OwnedProcess::start_program(
-            &nginx,
-            &["-p", &prefix, "-e", "stderr", "-c", &config_arg],
-            &[],
-            true,
-        )?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(address).await.is_err() {
-            if !process.is_running() || tokio::time::Instant::now() > deadline {
-                return Err(
-                    format!("nginx does not listen on {address}: {}", process.output()).into(),
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let process =
+            sallyport_e2e::dataplane::run_nginx(&nginx, dir.path(), &config, address).await?;
         Ok(Self {
             address,
             process,
