@@ -88,17 +88,23 @@ pub fn state_slot(group: &ConnectorGroup, name: &str) -> Secret {
     }
 }
 
+/// The metadata of `group`'s connector ServiceAccount, Role and RoleBinding: named like
+/// the Deployment, labelled and owned by the group.
+fn connector_rbac_metadata(group: &ConnectorGroup) -> ObjectMeta {
+    let name = group.name_any();
+    ObjectMeta {
+        name: Some(deployment_name(&name)),
+        namespace: group.namespace(),
+        labels: Some(group_labels(&name)),
+        owner_references: Some(owner(group)),
+        ..ObjectMeta::default()
+    }
+}
+
 /// The ServiceAccount connector pods of `group` run as.
 pub fn connector_service_account(group: &ConnectorGroup) -> ServiceAccount {
-    let name = group.name_any();
     ServiceAccount {
-        metadata: ObjectMeta {
-            name: Some(deployment_name(&name)),
-            namespace: group.namespace(),
-            labels: Some(group_labels(&name)),
-            owner_references: Some(owner(group)),
-            ..ObjectMeta::default()
-        },
+        metadata: connector_rbac_metadata(group),
         ..ServiceAccount::default()
     }
 }
@@ -106,15 +112,8 @@ pub fn connector_service_account(group: &ConnectorGroup) -> ServiceAccount {
 /// The Role of `group`'s connectors: [`STATE_SLOT_VERBS`] on exactly the Secrets `slots`,
 /// by name. Nothing else: no other Secret, no listing, no creating.
 pub fn connector_role(group: &ConnectorGroup, slots: &[String]) -> Role {
-    let name = group.name_any();
     Role {
-        metadata: ObjectMeta {
-            name: Some(deployment_name(&name)),
-            namespace: group.namespace(),
-            labels: Some(group_labels(&name)),
-            owner_references: Some(owner(group)),
-            ..ObjectMeta::default()
-        },
+        metadata: connector_rbac_metadata(group),
         rules: Some(vec![PolicyRule {
             api_groups: Some(vec![String::new()]),
             resources: Some(vec!["secrets".to_owned()]),
@@ -127,23 +126,17 @@ pub fn connector_role(group: &ConnectorGroup, slots: &[String]) -> Role {
 
 /// The RoleBinding giving `group`'s connector ServiceAccount its Role.
 pub fn connector_role_binding(group: &ConnectorGroup) -> RoleBinding {
-    let name = group.name_any();
+    let name = deployment_name(&group.name_any());
     RoleBinding {
-        metadata: ObjectMeta {
-            name: Some(deployment_name(&name)),
-            namespace: group.namespace(),
-            labels: Some(group_labels(&name)),
-            owner_references: Some(owner(group)),
-            ..ObjectMeta::default()
-        },
+        metadata: connector_rbac_metadata(group),
         role_ref: RoleRef {
             api_group: "rbac.authorization.k8s.io".to_owned(),
             kind: "Role".to_owned(),
-            name: deployment_name(&name),
+            name: name.clone(),
         },
         subjects: Some(vec![Subject {
             kind: "ServiceAccount".to_owned(),
-            name: deployment_name(&name),
+            name,
             namespace: group.namespace(),
             api_group: None,
         }]),
