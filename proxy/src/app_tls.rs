@@ -67,6 +67,18 @@ impl SecretSource {
         name: &str,
         key: &str,
     ) -> Result<Vec<u8>, AppTlsError> {
+        let mut values = self.read_keys(namespace, name, &[key]).await?;
+        Ok(values.pop().unwrap_or_default())
+    }
+
+    /// The bytes of each of `keys` in Secret `namespace`/`name`, in order, with one read
+    /// of the Secret (standalone: the files `<dir>/<namespace>/<name>/<key>`).
+    pub async fn read_keys(
+        &self,
+        namespace: &str,
+        name: &str,
+        keys: &[&str],
+    ) -> Result<Vec<Vec<u8>>, AppTlsError> {
         let read = |reason: String| AppTlsError::Read {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
@@ -79,16 +91,23 @@ impl SecretSource {
                     .await
                     .map_err(|e| read(e.to_string()))?
                     .ok_or_else(|| read("not found".to_owned()))?;
-                found
-                    .data
-                    .unwrap_or_default()
-                    .remove(key)
-                    .map(|bytes| bytes.0)
-                    .ok_or_else(|| read(format!("no key {key}")))
+                let mut data = found.data.unwrap_or_default();
+                keys.iter()
+                    .map(|key| {
+                        data.remove(*key)
+                            .map(|bytes| bytes.0)
+                            .ok_or_else(|| read(format!("no {key}")))
+                    })
+                    .collect()
             }
             Self::Dir(dir) => {
-                let path = dir.join(namespace).join(name).join(key);
-                std::fs::read(&path).map_err(|e| read(format!("{}: {e}", path.display())))
+                let base = dir.join(namespace).join(name);
+                keys.iter()
+                    .map(|key| {
+                        let path = base.join(key);
+                        std::fs::read(&path).map_err(|e| read(format!("{}: {e}", path.display())))
+                    })
+                    .collect()
             }
         }
     }
@@ -98,36 +117,11 @@ impl SecretSource {
         &self,
         secret: &SecretRef,
     ) -> Result<Arc<CertifiedKey>, AppTlsError> {
-        let read = |reason: String| AppTlsError::Read {
-            namespace: secret.namespace.clone(),
-            name: secret.name.clone(),
-            reason,
-        };
-        let (chain, key) = match self {
-            Self::Cluster(client) => {
-                let found = Api::<Secret>::namespaced(client.clone(), &secret.namespace)
-                    .get_opt(&secret.name)
-                    .await
-                    .map_err(|e| read(e.to_string()))?
-                    .ok_or_else(|| read("not found".to_owned()))?;
-                let mut data = found.data.unwrap_or_default();
-                let chain = data
-                    .remove("tls.crt")
-                    .ok_or_else(|| read("no tls.crt".to_owned()))?;
-                let key = data
-                    .remove("tls.key")
-                    .ok_or_else(|| read("no tls.key".to_owned()))?;
-                (chain.0, key.0)
-            }
-            Self::Dir(dir) => {
-                let base = dir.join(&secret.namespace).join(&secret.name);
-                let file = |name: &str| {
-                    let path = base.join(name);
-                    std::fs::read(&path).map_err(|e| read(format!("{}: {e}", path.display())))
-                };
-                (file("tls.crt")?, file("tls.key")?)
-            }
-        };
+        let mut values = self
+            .read_keys(&secret.namespace, &secret.name, &["tls.crt", "tls.key"])
+            .await?;
+        let key = values.pop().unwrap_or_default();
+        let chain = values.pop().unwrap_or_default();
         certified_key_from_pem(&chain, &key).map_err(|source| AppTlsError::Unusable {
             namespace: secret.namespace.clone(),
             name: secret.name.clone(),
