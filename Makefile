@@ -85,7 +85,7 @@ cluster-down: ## Stop the local control plane and remove its state
 	$(CLUSTER) down
 
 .PHONY: bench
-bench: bench-s8 bench-dataplane ## Benchmarks, release build, on loopback: S8 (operator) and the data plane (S1, S3)
+bench: bench-s8 bench-dataplane bench-policy ## Benchmarks, release build, on loopback: S8 (operator), the data plane (S1, S3), conditional access
 
 .PHONY: bench-build
 bench-build:
@@ -99,6 +99,11 @@ bench-s8: bench-build ## S8: operator and compiler, real control plane; options 
 bench-dataplane: bench-build ## S1, S3: direct vs proxy + connector, A B A B; options in BENCH_DATAPLANE_ARGS="--rounds 7"
 	bash bench/install-tools.sh >/dev/null
 	$(CARGO_TARGET_DIR)/release/sallyport-bench dataplane --oha "$$(bash bench/install-tools.sh)" $(BENCH_DATAPLANE_ARGS)
+
+.PHONY: bench-policy
+bench-policy: ## Conditional access: per-request cost of 1, 100 and 1,000 policies, in process; options in BENCH_POLICY_ARGS="--rounds 15"
+	$(CARGO) build --release -p sallyport-bench --bin sallyport-bench
+	$(CARGO_TARGET_DIR)/release/sallyport-bench policy $(BENCH_POLICY_ARGS)
 
 .PHONY: demo
 demo: ## Local demo: a control plane, the operator, a proxy and a connector serving an app through a tunnel

@@ -259,7 +259,7 @@ pub enum RiskLevel {
 }
 
 /// A client platform, as read from the User-Agent.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ClientPlatform {
     /// Microsoft Windows.
     #[serde(rename = "windows")]

@@ -75,15 +75,22 @@ pub struct ConnectorStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<ConnectorCertificate>,
 
-    /// When the fleet last heard from the connector.
+    /// When the fleet last heard from the connector: its registration or renewal, or a
+    /// proxy replica holding a tunnel of it (refreshed with every heartbeat).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<Time>,
 
-    /// The tunnels the connector holds, one entry per proxy replica.
+    /// The tunnels the connector holds, one entry per proxy replica that holds at least
+    /// one. Each replica writes and removes only its own entry (server-side apply, field
+    /// manager `sallyport-proxy/<replica>`); the operator removes entries whose replica
+    /// stopped renewing them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["proxy"]))]
     pub tunnels: Vec<TunnelStatus>,
 
-    /// `Connected` and related conditions.
+    /// `Connected`: True (`TunnelsUp`) while some proxy replica renews a tunnel entry,
+    /// False when none holds a tunnel (`NoTunnels`) or the last entries lapsed without
+    /// being removed (`Stale`, e.g. a replica that crashed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -109,6 +116,12 @@ pub struct TunnelStatus {
     /// The proxy replica at the other end.
     pub proxy: String,
 
-    /// Since when the tunnel has been up.
+    /// Since when the replica has held a tunnel of the connector.
     pub since: Time,
+
+    /// When the replica last confirmed that it still holds the tunnel (its heartbeat,
+    /// every 20 s by default). An entry not renewed for the operator's
+    /// `--tunnel-stale-after` (60 s by default) no longer counts and is removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_at: Option<Time>,
 }

@@ -10,6 +10,8 @@
 //! - [`dataplane`]: S1 (small GETs, 50 keep-alive connections) and S3 (1 GiB download and
 //!   upload over one connection, with the memory growth of proxy and connector), straight
 //!   to a backend and through the proxy and connector, side by side;
+//! - [`policy`]: the per-request cost of conditional access, 1 to 1,000 policies per
+//!   app, in process;
 //! - [`operator_process`]: the operator as a real process; [`procfs`]: memory and CPU time
 //!   of processes;
 //! - [`machine`], [`stats`]: where a run happened, and summaries of repeated measurements.
@@ -18,6 +20,7 @@ pub mod dataplane;
 pub mod error;
 pub mod machine;
 pub mod operator_process;
+pub mod policy;
 pub mod procfs;
 pub mod report;
 pub mod s8;
@@ -29,6 +32,7 @@ use clap::{Parser, Subcommand};
 
 pub use dataplane::DataplaneError;
 pub use error::BenchError;
+pub use policy::PolicyBenchError;
 
 /// Command-line interface of `sallyport-bench`.
 #[derive(Debug, Parser)]
@@ -102,6 +106,24 @@ pub enum Scenario {
     )]
     Dataplane(dataplane::DataplaneArgs),
 
+    /// Conditional access: the per-request cost of evaluating an app's policies (1, 100
+    /// and 1,000), alone and with the sign-in log line.
+    #[command(
+        long_about = "Conditional access: the per-request cost of the policy engine, in \
+        process, on one thread.\n\n\
+        Generates apps with --policies policies each (default 1, 100 and 1,000) as a fleet \
+        would hold them: an MFA baseline, blocks for other teams, partner-network CIDRs, \
+        night and weekend windows in Europe/Berlin and America/New_York, risk and platform \
+        conditions, named users, report-only trials; three kinds in ten apply to the \
+        benchmark's user and the decision is `allowed` (checked before timing). Then times \
+        `AppPolicies::evaluate` for one sign-in, and `evaluate` plus the sign-in log line \
+        (`SignInEvent` built and encoded as JSON), over --rounds rounds of a bounded \
+        number of calls (sized to about --round-ms per round, at most --max-calls), inputs \
+        and results through `std::hint::black_box`. Reports the median round in \
+        nanoseconds per call, with the fastest and slowest."
+    )]
+    Policy(policy::PolicyArgs),
+
     /// The data-plane benchmark's backend (started by `dataplane`, not for people).
     #[command(hide = true)]
     DataplaneBackend(dataplane::backend::BackendArgs),
@@ -116,6 +138,9 @@ pub enum Error {
     /// The data-plane scenarios failed.
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    /// The policy benchmark failed.
+    #[error(transparent)]
+    Policy(#[from] PolicyBenchError),
 }
 
 /// Runs the scenario `cli` names and writes its report to `out`.
@@ -123,6 +148,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), Error> {
     match cli.command {
         Scenario::S8(args) => Ok(s8::run(&args)?.write(out)?),
         Scenario::Dataplane(args) => Ok(dataplane::run(&args)?.write(out)?),
+        Scenario::Policy(args) => Ok(policy::run(&args)?.write(out)?),
         Scenario::DataplaneBackend(args) => Ok(dataplane::backend::serve(&args)?),
     }
 }

@@ -333,6 +333,38 @@ pub fn start_proxy_on(
     tunnel_hostname: &str,
     ports: ProxyPorts,
 ) -> Result<OwnedProcess, StepError> {
+    start_proxy_with(
+        kubeconfig,
+        namespace,
+        replica,
+        pki_dir,
+        tunnel_hostname,
+        ports,
+        &ProxyOptions::default(),
+    )
+}
+
+/// What a test adds to a proxy's start ([`start_proxy_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct ProxyOptions {
+    /// Further `sallyport-proxy run` arguments, e.g. `--mfa-acr-value` or
+    /// `--trusted-proxy`.
+    pub extra_args: Vec<String>,
+    /// A file that receives the proxy's standard output, which is its sign-in log (one
+    /// JSON line per decision); its standard error still reaches the test's.
+    pub stdout_file: Option<PathBuf>,
+}
+
+/// Like [`start_proxy_on`], with `options`.
+pub fn start_proxy_with(
+    kubeconfig: &Path,
+    namespace: &str,
+    replica: &str,
+    pki_dir: &Path,
+    tunnel_hostname: &str,
+    ports: ProxyPorts,
+    options: &ProxyOptions,
+) -> Result<OwnedProcess, StepError> {
     let listen = ports.listen.to_string();
     let probes = ports.probes.to_string();
     let tunnel_tls = pki_dir.join("tunnel-tls").display().to_string();
@@ -361,16 +393,33 @@ pub fn start_proxy_on(
     if pki_dir.join(IDENTITY_PROVIDER_CA_FILE).is_file() {
         args.extend(["--identity-provider-ca-file", &provider_ca]);
     }
-    let process = OwnedProcess::start(
-        "sallyport-proxy",
-        &args,
-        &[
-            ("KUBECONFIG", &kubeconfig),
-            ("POD_NAME", replica),
-            ("RUST_LOG", "info,kube=warn,sallyport_proxy::auth=debug"),
-        ],
-    )?;
-    Ok(process)
+    args.extend(options.extra_args.iter().map(String::as_str));
+    let mut envs = vec![
+        ("KUBECONFIG", kubeconfig.as_str()),
+        ("POD_NAME", replica),
+        ("RUST_LOG", "info,kube=warn,sallyport_proxy::auth=debug"),
+    ];
+    let Some(stdout_file) = &options.stdout_file else {
+        return Ok(OwnedProcess::start("sallyport-proxy", &args, &envs)?);
+    };
+    // A shell that execs the proxy (same process, same death signal) with its standard
+    // output redirected: the file gets whole lines, never mixed with standard error.
+    let proxy = crate::process::workspace_binary("sallyport-proxy")?;
+    let proxy = proxy.display().to_string();
+    let stdout_file = stdout_file.display().to_string();
+    envs.push(("SALLYPORT_E2E_STDOUT_FILE", &stdout_file));
+    let mut shell_args = vec![
+        "-c",
+        "exec \"$0\" \"$@\" >\"$SALLYPORT_E2E_STDOUT_FILE\"",
+        &proxy,
+    ];
+    shell_args.extend(args);
+    Ok(OwnedProcess::start_program(
+        Path::new("/bin/sh"),
+        &shell_args,
+        &envs,
+        false,
+    )?)
 }
 
 /// Starts `sallyport-connector run` for `group` (`namespace/name`) against the fleet
@@ -590,6 +639,24 @@ impl Fleet {
             proxy_kubeconfig,
             proxies,
         })
+    }
+
+    /// The compiled fleet configuration the operator has published for the proxies, if
+    /// any yet.
+    pub async fn fleet_config(&self) -> Result<Option<FleetConfig>, StepError> {
+        let config_maps =
+            Api::<ConfigMap>::namespaced(self.bed.client.clone(), &self.bed.operator_namespace);
+        let Some(config_map) = config_maps.get_opt(FLEET_CONFIG_MAP).await? else {
+            return Ok(None);
+        };
+        let Some(bytes) = config_map
+            .binary_data
+            .as_ref()
+            .and_then(|data| data.get(STORAGE_KEY))
+        else {
+            return Ok(None);
+        };
+        Ok(Some(FleetConfig::from_gzip_json(&bytes.0)?))
     }
 
     /// The replicas' listen addresses: what connectors dial and users reach.

@@ -17,6 +17,7 @@
 //!
 //! [`ControlPlane`]: controlplane::ControlPlane
 
+pub mod access;
 pub mod browser;
 pub mod controlplane;
 pub mod dataplane;

@@ -14,8 +14,9 @@ use tokio::net::TcpStream;
 
 use crate::browser::Browser;
 use crate::dataplane::{
-    Answer, FLEET_TUNNEL_HOST, Fleet, FleetProxy, IDENTITY_PROVIDER_CA_FILE, REACTION_TIMEOUT,
-    StepError, start_proxy, wait_for_port,
+    Answer, FLEET_TUNNEL_HOST, Fleet, FleetProxy, IDENTITY_PROVIDER_CA_FILE, ProxyOptions,
+    ProxyPorts, REACTION_TIMEOUT, StepError, free_port, start_proxy, start_proxy_with,
+    wait_for_port,
 };
 use crate::oidc::{OidcClient, OidcProvider, OidcProviderConfig};
 use crate::test_ca::TestCa;
@@ -30,6 +31,23 @@ pub async fn get(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Result<Answer, StepError> {
+    get_over(
+        TcpStream::connect(address).await?,
+        sni,
+        authority,
+        ca_pem,
+        path,
+        headers,
+    )
+    .await
+}
+
+/// TLS with SNI `sni` over `tcp`, trusting only `ca_pem` (no ALPN: HTTP/1.1).
+pub async fn connect_tls(
+    tcp: TcpStream,
+    sni: &str,
+    ca_pem: &str,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, StepError> {
     let mut roots = rustls::RootCertStore::empty();
     for certificate in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(certificate?)?;
@@ -40,12 +58,22 @@ pub async fn get(
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(
-            ServerName::try_from(sni.to_owned())?,
-            TcpStream::connect(address).await?,
-        )
-        .await?;
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from(sni.to_owned())?, tcp)
+        .await?)
+}
+
+/// Like [`get`], over the connected `tcp` (e.g. a socket bound to a chosen source
+/// address).
+pub async fn get_over(
+    tcp: TcpStream,
+    sni: &str,
+    authority: &str,
+    ca_pem: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Answer, StepError> {
+    let tls = connect_tls(tcp, sni, ca_pem).await?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
     tokio::spawn(connection);
     let mut builder = Request::get(path).header(http::header::HOST, authority);
@@ -135,6 +163,38 @@ pub async fn start_proxies(
             name,
             fleet.pki.path(),
             FLEET_TUNNEL_HOST,
+        )?;
+        wait_for_port(ports.listen, REACTION_TIMEOUT).await?;
+        fleet.proxies.push(FleetProxy {
+            name: (*name).to_owned(),
+            process,
+            ports,
+        });
+    }
+    Ok(())
+}
+
+/// Like [`start_proxies`], each replica started with its [`ProxyOptions`] (extra
+/// arguments, a file for its sign-in log).
+pub async fn start_proxies_with(
+    fleet: &mut Fleet,
+    ca: &TestCa,
+    replicas: &[(&str, ProxyOptions)],
+) -> Result<(), StepError> {
+    std::fs::write(fleet.pki.path().join(IDENTITY_PROVIDER_CA_FILE), ca.pem())?;
+    for (name, options) in replicas {
+        let ports = ProxyPorts {
+            listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            probes: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        };
+        let process = start_proxy_with(
+            &fleet.proxy_kubeconfig,
+            &fleet.bed.operator_namespace,
+            name,
+            fleet.pki.path(),
+            FLEET_TUNNEL_HOST,
+            ports,
+            options,
         )?;
         wait_for_port(ports.listen, REACTION_TIMEOUT).await?;
         fleet.proxies.push(FleetProxy {

@@ -81,7 +81,13 @@ async fn a_connector_group_runs_hardened_connectors_with_a_rotating_token() -> T
     let _operator = start_operator(
         &operator_kubeconfig,
         &operator_namespace,
-        &["--connector-image", "example.test/sallyport-connector:e2e"],
+        &[
+            "--connector-image",
+            "example.test/sallyport-connector:e2e",
+            // The tunnel entry written below, as a proxy replica would, is never renewed.
+            "--tunnel-stale-after",
+            "1h",
+        ],
     )?;
 
     let groups = Api::<ConnectorGroup>::namespaced(client.clone(), &namespace);
@@ -213,12 +219,18 @@ async fn a_connector_group_runs_hardened_connectors_with_a_rotating_token() -> T
             .create(&PostParams::default(), &connector)
             .await?;
     }
-    let connected = json!({"status": {"conditions": [{
-        "type": "Connected", "status": "True", "reason": "TunnelsUp", "message": "2 tunnels",
-        "lastTransitionTime": "2026-01-01T00:00:00Z",
-    }]}});
+    // A proxy replica reports a tunnel of conn-a; the operator makes it Connected.
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let connected = json!({
+        "apiVersion": "sallyport.dev/v1alpha1", "kind": "Connector",
+        "status": {"tunnels": [{"proxy": "proxy-x", "since": now, "renewedAt": now}]},
+    });
     connectors
-        .patch_status("conn-a", &PatchParams::default(), &Patch::Merge(&connected))
+        .patch_status(
+            "conn-a",
+            &PatchParams::apply("sallyport-proxy/proxy-x").force(),
+            &Patch::Apply(&connected),
+        )
         .await?;
     wait_for(&groups, "east", "Ready", |g| {
         group_status(g) == Some((2, 1, "True".into(), "Connected".into()))

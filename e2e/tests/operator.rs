@@ -151,7 +151,13 @@ fn start_operator(kubeconfig: &Path, namespace: &str) -> Result<OwnedProcess, Pr
     start_operator_process(
         kubeconfig,
         namespace,
-        &["--default-oidc-issuer", "https://login.example.com/"],
+        &[
+            "--default-oidc-issuer",
+            "https://login.example.com/",
+            // The Connector's tunnel entry written below is never renewed.
+            "--tunnel-stale-after",
+            "1h",
+        ],
     )
 }
 
@@ -287,12 +293,18 @@ async fn the_operator_reports_the_truth_about_apps_and_policies() -> TestResult 
     connectors
         .create(&pp, &from_yaml("apiVersion: sallyport.dev/v1alpha1\nkind: Connector\nmetadata: {name: conn-1}\nspec: {connectorGroup: dc}\n")?)
         .await?;
-    let connected = json!({"status": {"conditions": [{
-        "type": "Connected", "status": "True", "reason": "TunnelsUp", "message": "2 tunnels",
-        "lastTransitionTime": "2026-01-01T00:00:00Z",
-    }]}});
+    // A proxy replica reports a tunnel of it; the operator makes it Connected.
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    let connected = json!({
+        "apiVersion": "sallyport.dev/v1alpha1", "kind": "Connector",
+        "status": {"tunnels": [{"proxy": "proxy-x", "since": now, "renewedAt": now}]},
+    });
     connectors
-        .patch_status("conn-1", &PatchParams::default(), &Patch::Merge(&connected))
+        .patch_status(
+            "conn-1",
+            &PatchParams::apply("sallyport-proxy/proxy-x").force(),
+            &Patch::Apply(&connected),
+        )
         .await?;
     let seen = wait_for(&apps, "wiki", "Ready", |a| has(a, "Ready", "True", "Ready")).await?;
     let group_readiness = seen.status.and_then(|s| s.connector_group);

@@ -48,6 +48,16 @@ pub struct Transaction {
     /// When the sign-in began, Unix seconds.
     #[serde(rename = "iat")]
     pub created_at: u64,
+    /// The sign-in is a step-up: conditional access asked for a stronger or more recent
+    /// authentication. A step-up that comes back still short is refused rather than
+    /// sent to the provider again, so a provider that cannot satisfy a policy never
+    /// loops the browser.
+    #[serde(rename = "su", default, skip_serializing_if = "is_false")]
+    pub step_up: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 impl Transaction {
@@ -68,6 +78,7 @@ impl Transaction {
             app: app.into(),
             provider: provider.into(),
             created_at: now,
+            step_up: false,
         })
     }
 

@@ -12,6 +12,7 @@ use sallyport_api::{ConditionalAccessPolicy, ConditionalAccessPolicyStatus};
 use serde_json::json;
 use tracing::{debug, info};
 
+use crate::compile::{INVALID_POLICY, check_policy};
 use crate::conditions::{Verdict, merge};
 use crate::context::{Context, FIELD_MANAGER};
 use crate::error::Error;
@@ -56,6 +57,23 @@ pub fn assess(
                     .is_empty()
         })
         .count();
+    let id = format!(
+        "{}/{}",
+        policy.namespace().unwrap_or_default(),
+        policy.name_any()
+    );
+    if let Err(message) = check_policy(policy, &id) {
+        let ready = format!(
+            "{message}; the {matched} app(s) it applies to are not served until it is fixed"
+        );
+        return (
+            vec![
+                Verdict::failed(ACCEPTED, INVALID_POLICY, message),
+                Verdict::failed(READY, "NotAccepted", ready),
+            ],
+            i32::try_from(matched).unwrap_or(i32::MAX),
+        );
+    }
     let scope = if selection.is_fleet_wide() {
         "every namespace (fleet-wide baseline)"
     } else {
@@ -192,6 +210,31 @@ mod tests {
             "sallyport-system",
         );
         assert_eq!(matched, 0);
+    }
+
+    #[test]
+    fn a_policy_the_engine_cannot_evaluate_is_not_accepted() {
+        let mut invalid = policy("team-a", "Enabled", "{selector: {}}");
+        invalid.spec.conditions =
+            serde_yaml::from_str("{times: [{from: '08:00', to: '18:00', timeZone: Mars/Olympus}]}")
+                .unwrap_or_else(|e| panic!("{e}"));
+        let (verdicts, matched) = assess(&invalid, &apps(), "sallyport-system");
+        assert_eq!(
+            (verdicts[0].status, verdicts[0].reason),
+            (false, "InvalidPolicy")
+        );
+        assert!(
+            verdicts[0]
+                .message
+                .starts_with("spec.conditions.times[0].timeZone: "),
+            "{}",
+            verdicts[0].message
+        );
+        assert_eq!(
+            (verdicts[1].status, verdicts[1].reason),
+            (false, "NotAccepted")
+        );
+        assert_eq!(matched, 2);
     }
 
     #[test]

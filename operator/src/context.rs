@@ -26,6 +26,9 @@ pub struct OperatorConfig {
     pub fleet: crate::fleet::FleetSettings,
     /// The fleet's PKI and keys.
     pub pki: crate::pki::PkiSettings,
+    /// How long a proxy replica's entry in a Connector's `status.tunnels` counts after
+    /// its last renewal.
+    pub tunnel_stale_after: std::time::Duration,
 }
 
 impl OperatorConfig {

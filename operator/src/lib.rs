@@ -26,8 +26,10 @@ pub mod rbac;
 pub mod reconcile;
 pub mod run;
 pub mod tls;
+pub mod whatif;
 
 use std::io::Write;
+use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -70,6 +72,12 @@ pub enum Command {
     /// Compile PublishedApps, ConnectorGroups, ConditionalAccessPolicies and Connectors
     /// from YAML manifests into the fleet configuration, without a cluster.
     Compile(compile::command::CompileArgs),
+    /// Show what conditional access decides for a sign-in (an app, a user, their groups,
+    /// IP, time, platform, authentication and risk) and why, policy by policy, reading
+    /// the objects from the cluster or from YAML manifests. Exit status 0: allowed; 3:
+    /// anything else.
+    #[command(name = "whatif")]
+    WhatIf(whatif::WhatIfArgs),
 }
 
 /// Settings of `sallyport-operator run`.
@@ -173,6 +181,13 @@ pub struct RunArgs {
     )]
     pub proxy_trusted_proxies: Vec<String>,
 
+    /// How long a proxy replica's tunnel entry on a Connector (`status.tunnels`) counts
+    /// after its last renewal: an older one is removed, and a connector left without
+    /// entries is no longer `Connected`. Several of the proxies'
+    /// `--tunnel-status-heartbeat` (20 s by default).
+    #[arg(long, env = "SALLYPORT_TUNNEL_STALE_AFTER", default_value = "60s", value_parser = sallyport_service::parse_duration)]
+    pub tunnel_stale_after: std::time::Duration,
+
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "SALLYPORT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -258,6 +273,7 @@ impl RunArgs {
                     keep: usize::from(self.session_keys_kept),
                 },
             },
+            tunnel_stale_after: self.tunnel_stale_after,
         }
     }
 }
@@ -319,10 +335,14 @@ pub enum OperatorError {
     /// `compile` failed.
     #[error(transparent)]
     Compile(#[from] compile::command::CommandError),
+    /// `whatif` could not decide.
+    #[error(transparent)]
+    WhatIf(#[from] whatif::WhatIfError),
 }
 
-/// Runs the command `cli` asks for, writing its output to `out`.
-pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), OperatorError> {
+/// Runs the command `cli` asks for, writing its output to `out`; the exit code is
+/// success unless `whatif` decides anything but `allowed`.
+pub fn run(cli: Cli, out: &mut impl Write) -> Result<ExitCode, OperatorError> {
     match cli.command {
         Some(Command::Run(args)) => {
             init_tracing(&args.log_format);
@@ -346,9 +366,12 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), OperatorError> {
         Some(Command::Compile(args)) => {
             compile::command::run(&args, out, &mut std::io::stderr().lock())?;
         }
+        Some(Command::WhatIf(args)) => {
+            return Ok(whatif::run(&args, out, &mut std::io::stderr().lock())?);
+        }
         None => writeln!(out, "sallyport-operator {}", env!("CARGO_PKG_VERSION"))?,
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

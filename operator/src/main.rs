@@ -7,7 +7,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = sallyport_operator::Cli::parse();
     match sallyport_operator::run(cli, &mut std::io::stdout().lock()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("sallyport-operator: {error}");
             ExitCode::FAILURE

@@ -57,6 +57,7 @@ pub fn cluster_rules() -> Vec<PolicyRule> {
                 "publishedapps/status",
                 "conditionalaccesspolicies/status",
                 "connectorgroups/status",
+                "connectors/status",
             ],
             &["patch"],
         ),

@@ -353,11 +353,10 @@ async fn run_controllers(
     .watches(
         Api::<Connector>::all(client.clone()),
         WatcherConfig::default(),
-        |connector| {
-            Some(
-                ObjectRef::new(&connector.spec.connector_group)
-                    .within(&connector.namespace().unwrap_or_default()),
-            )
+        {
+            // Not on every heartbeat of the proxies: see ConnectorChanges.
+            let changes = connector_group::ConnectorChanges::default();
+            move |connector| changes.group_to_reconcile(&connector)
         },
     )
     .graceful_shutdown_on(shutdown.clone().cancelled_owned());

@@ -9,7 +9,12 @@
 //!    foreign-key or other-app cookie is simply absent). Without a session, a browser
 //!    navigation gets a tiny interstitial page that keeps the URL's `#fragment` and goes
 //!    to `sign-in`; a script (fetch/XHR) gets 401 with a JSON body naming the sign-in URL.
-//!    With a session, the app's assignment (users, groups) is checked.
+//!    With a session, conditional access decides ([`crate::access`]): the app's
+//!    assignment (users, groups) first, then its ConditionalAccessPolicies. A block or
+//!    an unmet requirement that signing in again cannot meet is refused with 403; MFA, an
+//!    authentication strength or a lapsed sign-in frequency sends the browser back to
+//!    the provider to step up (`acr_values`, `max_age`, `prompt=login`). A step-up that
+//!    comes back still short is refused, never repeated.
 //! 3. What reaches the backend: never Sallyport's cookies, never a client-sent copy of an
 //!    identity header or the assertion header; the configured claim headers and a
 //!    short-lived ES256 assertion are added.
@@ -18,6 +23,7 @@
 //! one started. Passthrough apps never come here.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +31,7 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
+use sallyport_api::conditional_access_policy::PersistentBrowserSession;
 use sallyport_api::fleet_config::{OidcClient, Route, SecretKeyRef};
 use sallyport_api::published_app::SameSite as ApiSameSite;
 use sallyport_identity::{
@@ -34,13 +41,15 @@ use sallyport_identity::{
 use sallyport_oidc::{
     AuthenticationRequirements, ClientSettings, OidcError, Providers, SignInSecrets, SignedIn,
 };
+use sallyport_policy::{Decision, Outcome, SignInStage};
 use sallyport_tunnel::body::{TunnelBody, full};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
+use crate::access::{AccessControl, AccessSettings, Subject};
 use crate::app_tls::SecretSource;
 use crate::pages;
-use crate::router::Router;
+use crate::router::{AppRoute, Router};
 
 /// The path prefix Sallyport answers itself on every app host.
 pub const RESERVED_PREFIX: &str = "/.sallyport/";
@@ -73,7 +82,7 @@ const INTERSTITIAL_SCRIPT: &str = "location.replace(\"/.sallyport/sign-in?return
 /// What the gate decided for a request.
 pub enum Gate {
     /// Forward it, as this user.
-    Pass(Box<Session>),
+    Pass(Arc<Subject>),
     /// Answer it with this (sign-in interstitial, 401, 403 ...).
     Answer(Response<TunnelBody>),
 }
@@ -83,6 +92,8 @@ pub enum Gate {
 pub struct AuthSettings {
     /// `iss` of the signed assertions: the fleet's public identity, e.g. its base URL.
     pub assertion_issuer: String,
+    /// Conditional access: how MFA and risk are read.
+    pub access: AccessSettings,
 }
 
 /// Sign-in, sessions and identity for OIDC apps. Keys are swapped in as their Secrets
@@ -95,6 +106,7 @@ pub struct Authenticator {
     assertion_keys: ArcSwapOption<AssertionKeys>,
     client_secrets: Mutex<HashMap<SecretKeyRef, (String, Instant)>>,
     interstitial_csp: HeaderValue,
+    access: Arc<AccessControl>,
 }
 
 /// A sign-in failure as users see it: a category, never a secret.
@@ -199,7 +211,9 @@ impl Authenticator {
         let csp = format!(
             "default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
         );
+        let access = Arc::new(AccessControl::new(settings.access.clone()));
         Self {
+            access,
             settings,
             providers,
             secrets,
@@ -209,6 +223,11 @@ impl Authenticator {
             interstitial_csp: HeaderValue::try_from(csp)
                 .unwrap_or(HeaderValue::from_static("default-src 'none'")),
         }
+    }
+
+    /// Conditional access: decisions and the sign-in log.
+    pub fn access(&self) -> &Arc<AccessControl> {
+        &self.access
     }
 
     /// Swaps in the session key ring.
@@ -238,6 +257,7 @@ impl Authenticator {
         request: &Request<B>,
         origin: &Origin,
         port: u16,
+        client_ip: IpAddr,
         request_id: &str,
     ) -> Option<Response<TunnelBody>> {
         let path = request.uri().path();
@@ -247,18 +267,23 @@ impl Authenticator {
         let query = request.uri().query().unwrap_or("");
         let answer = match path {
             SIGN_IN_PATH => {
-                self.sign_in(
-                    router,
+                let visit = Visit {
+                    headers: request.headers(),
                     origin,
-                    port,
-                    query_value(query, "return"),
+                    client_ip,
                     request_id,
-                )
-                .await
+                };
+                self.sign_in(router, &visit, port, query_value(query, "return"))
+                    .await
             }
             CALLBACK_PATH => {
-                self.callback(router, request.headers(), origin, query, request_id)
-                    .await
+                let visit = Visit {
+                    headers: request.headers(),
+                    origin,
+                    client_ip,
+                    request_id,
+                };
+                self.callback(router, &visit, query).await
             }
             SIGN_OUT_PATH => {
                 self.sign_out(router, origin, port, query_value(query, "return"))
@@ -271,40 +296,66 @@ impl Authenticator {
         Some(answer)
     }
 
-    /// Opens the session of `route` from the request's cookies, removing every copy of
-    /// Sallyport's cookies and of the app's identity headers from the request on the way.
+    /// Opens the session of `route` (the configuration's route `route_index` of router
+    /// generation `generation`) from the request's cookies, removing every copy of
+    /// Sallyport's cookies and of the app's identity headers from the request on the way,
+    /// and lets conditional access decide.
+    #[allow(clippy::too_many_arguments)]
     pub fn gate<B>(
         &self,
-        route: &Route,
+        route: &AppRoute,
+        route_index: usize,
+        generation: u64,
         request: &mut Request<B>,
         origin: &Origin,
+        client_ip: IpAddr,
         request_id: &str,
     ) -> Gate {
-        let settings = cookie_settings(route);
-        let session = self.session_keys.load_full().and_then(|keys| {
-            let binding = Binding::new(route.app.clone(), &origin.host);
-            cookie::cookie_values(request.headers(), settings.session_cookie_name())
-                .find_map(|value| Session::open(&keys, &binding, value, unix_now()))
-        });
+        let session = self.open_session(route, request.headers(), origin);
         strip_identity(route, request.headers_mut());
         let Some(session) = session else {
-            return Gate::Answer(self.sign_in_required(request, origin, request_id));
+            return Gate::Answer(self.sign_in_required(request, origin, request_id, false));
         };
-        if !is_assigned(route, &session) {
-            info!(app = %route.app, user = %session.user_name, %request_id, "user is not assigned to the app");
-            return Gate::Answer(pages::error_response(
-                request.headers().get(header::ACCEPT),
-                StatusCode::FORBIDDEN,
-                "Access denied",
-                &format!(
-                    "{} is not assigned to this application. Ask its administrators for access. ({})",
-                    session.user_name,
-                    now_text()
-                ),
+        let subject = Arc::new(Subject::new(
+            Arc::new(session),
+            client_ip,
+            request.headers().get(header::USER_AGENT),
+            self.access.settings(),
+        ));
+        let Some(policies) = route.policies() else {
+            // Only OIDC routes come here, and each has its policies.
+            return Gate::Answer(self.failure(
+                SignInFailure::Unavailable,
                 request_id,
+                "the route has no compiled access policies",
+                None,
             ));
+        };
+        let decision = self
+            .access
+            .decide(generation, route_index, policies, &subject, request_id);
+        match &decision.outcome {
+            Outcome::Allowed => Gate::Pass(subject),
+            Outcome::StepUp(_) => {
+                info!(app = %route.app, user = %subject.session.user_name, session = %subject.session.id, %request_id, "conditional access asks the user to sign in again (step-up)");
+                Gate::Answer(self.sign_in_required(request, origin, request_id, true))
+            }
+            _ => Gate::Answer(refusal(
+                request.headers().get(header::ACCEPT),
+                &subject.session.user_name,
+                &decision,
+                request_id,
+            )),
         }
-        Gate::Pass(Box::new(session))
+    }
+
+    /// The session of `route` in `headers`' cookies, if one opens.
+    fn open_session(&self, route: &Route, headers: &HeaderMap, origin: &Origin) -> Option<Session> {
+        let settings = cookie_settings(route);
+        let keys = self.session_keys.load_full()?;
+        let binding = Binding::new(route.app.clone(), &origin.host);
+        cookie::cookie_values(headers, settings.session_cookie_name())
+            .find_map(|value| Session::open(&keys, &binding, value, unix_now()))
     }
 
     /// Adds the app's identity headers and signed assertion for `session`.
@@ -364,11 +415,13 @@ impl Authenticator {
         }
     }
 
+    /// The answer that sends the browser to sign in (`step_up`: again, more strongly).
     fn sign_in_required<B>(
         &self,
         request: &Request<B>,
         origin: &Origin,
         request_id: &str,
+        step_up: bool,
     ) -> Response<TunnelBody> {
         let target = request
             .uri()
@@ -377,9 +430,20 @@ impl Authenticator {
             .unwrap_or("/");
         let sign_in = origin.url(&format!("{SIGN_IN_PATH}?return={}", percent_encode(target)));
         if is_scripted(request.headers(), request.method()) {
+            let (error, detail) = if step_up {
+                (
+                    "step_up_required",
+                    "This application's access policy asks you to sign in again.",
+                )
+            } else {
+                (
+                    "authentication_required",
+                    "Sign in to this application first.",
+                )
+            };
             let body = serde_json::json!({
-                "error": "authentication_required",
-                "detail": "Sign in to this application first.",
+                "error": error,
+                "detail": detail,
                 "signInUrl": sign_in,
                 "requestId": request_id,
             });
@@ -403,10 +467,9 @@ impl Authenticator {
     async fn sign_in(
         &self,
         router: &Router,
-        origin: &Origin,
+        visit: &Visit<'_>,
         port: u16,
         return_to: Option<String>,
-        request_id: &str,
     ) -> Response<TunnelBody> {
         let return_to = return_to
             .as_deref()
@@ -417,12 +480,54 @@ impl Authenticator {
             .next()
             .filter(|p| !p.is_empty())
             .unwrap_or("/");
-        let Some(route) = router
-            .find(&origin.host, port, path)
-            .filter(|r| r.pre_authentication.oidc.is_some())
+        let Some(matched) = router
+            .lookup(&visit.origin.host, port, path)
+            .filter(|m| m.route.pre_authentication.oidc.is_some())
         else {
-            return pages::not_found(None, request_id);
+            return pages::not_found(None, visit.request_id);
         };
+        let route = matched.route;
+        // A session that conditional access sends back to step up says what to ask for.
+        let step_up = self
+            .open_session(route, visit.headers, visit.origin)
+            .zip(route.policies())
+            .and_then(|(session, policies)| {
+                let subject = self.subject(session, visit);
+                match policies
+                    .evaluate(&subject.context(jiff::Timestamp::now()))
+                    .outcome
+                {
+                    Outcome::StepUp(step_up) => Some(AuthenticationRequirements {
+                        acr_values: step_up.acr_values,
+                        max_age: step_up.max_age,
+                        force_login: true,
+                    }),
+                    _ => None,
+                }
+            });
+        self.start_sign_in(route, visit, &return_to, step_up).await
+    }
+
+    /// The subject of `session` on this visit.
+    fn subject(&self, session: Session, visit: &Visit<'_>) -> Subject {
+        Subject::new(
+            Arc::new(session),
+            visit.client_ip,
+            visit.headers.get(header::USER_AGENT),
+            self.access.settings(),
+        )
+    }
+
+    /// Sends the browser to the provider to sign in to `route` and come back to
+    /// `return_to`; `step_up` says what conditional access requires of the sign-in.
+    async fn start_sign_in(
+        &self,
+        route: &Route,
+        visit: &Visit<'_>,
+        return_to: &str,
+        step_up: Option<AuthenticationRequirements>,
+    ) -> Response<TunnelBody> {
+        let request_id = visit.request_id;
         let Some(keys) = self.session_keys.load_full() else {
             return self.failure(
                 SignInFailure::Unavailable,
@@ -435,8 +540,8 @@ impl Authenticator {
             return pages::not_found(None, request_id);
         };
         let now = unix_now();
-        let transaction =
-            match Transaction::new(route.app.clone(), provider_key(oidc), &return_to, now) {
+        let mut transaction =
+            match Transaction::new(route.app.clone(), provider_key(oidc), return_to, now) {
                 Ok(transaction) => transaction,
                 Err(error) => {
                     return self.failure(
@@ -447,6 +552,8 @@ impl Authenticator {
                     );
                 }
             };
+        transaction.step_up = step_up.is_some();
+        let requirements = step_up.unwrap_or_default();
         let client = match self.client_settings(oidc).await {
             Ok(client) => client,
             Err(detail) => {
@@ -466,9 +573,9 @@ impl Authenticator {
         };
         let url = match provider.authorization_url(
             &client,
-            &origin.url(CALLBACK_PATH),
+            &visit.origin.url(CALLBACK_PATH),
             &secrets,
-            &AuthenticationRequirements::default(),
+            &requirements,
         ) {
             Ok(url) => url,
             Err(error) => {
@@ -476,7 +583,7 @@ impl Authenticator {
             }
         };
         let settings = cookie_settings(route);
-        let binding = Binding::new(TRANSACTION_PURPOSE, &origin.host);
+        let binding = Binding::new(TRANSACTION_PURPOSE, &visit.origin.host);
         let sealed = match transaction.seal(&keys, &binding) {
             Ok(sealed) => sealed,
             Err(error) => {
@@ -488,7 +595,15 @@ impl Authenticator {
                 );
             }
         };
-        info!(app = %route.app, issuer = %oidc.issuer_url, %request_id, "sign-in started");
+        info!(
+            app = %route.app,
+            issuer = %oidc.issuer_url,
+            step_up = transaction.step_up,
+            acr_values = ?requirements.acr_values,
+            max_age = ?requirements.max_age,
+            %request_id,
+            "sign-in started"
+        );
         let mut response = redirect(&url);
         append_cookie(
             response.headers_mut(),
@@ -500,11 +615,10 @@ impl Authenticator {
     async fn callback(
         &self,
         router: &Router,
-        headers: &HeaderMap,
-        origin: &Origin,
+        visit: &Visit<'_>,
         query: &str,
-        request_id: &str,
     ) -> Response<TunnelBody> {
+        let (headers, origin, request_id) = (visit.headers, visit.origin, visit.request_id);
         let Some(state) = query_value(query, "state") else {
             return self.failure(
                 SignInFailure::StateMismatch,
@@ -639,7 +753,7 @@ impl Authenticator {
                 );
             }
         };
-        let mut session = match new_session(route, &signed_in, now) {
+        let mut session = match new_session(route, &signed_in, self.access.settings(), now) {
             Ok(session) => session,
             Err(detail) => {
                 return self.failure(
@@ -650,9 +764,17 @@ impl Authenticator {
                 );
             }
         };
+        let Some(policies) = router.policies_of(&route.app) else {
+            return self.failure(
+                SignInFailure::Unavailable,
+                request_id,
+                "the app has no compiled access policies",
+                Some(&removal),
+            );
+        };
         let budget = settings.session_value_budget(DEFAULT_COOKIE_BUDGET);
-        let needed: Vec<&str> = route.assignment.groups.iter().map(String::as_str).collect();
-        if let Err(error) = session.fit_groups(|g| needed.contains(&g), budget) {
+        let needed = policies.named_groups();
+        if let Err(error) = session.fit_groups(|g| needed.contains(g), budget) {
             return self.failure(
                 SignInFailure::Unavailable,
                 request_id,
@@ -660,6 +782,39 @@ impl Authenticator {
                 Some(&removal),
             );
         }
+        let subject = self.subject(session, visit);
+        let decision =
+            self.access
+                .evaluate(policies, &subject, SignInStage::SignIn, Some(request_id));
+        match &decision.outcome {
+            Outcome::Allowed => {}
+            Outcome::StepUp(step_up) if !transaction.step_up => {
+                info!(app = %route.app, user = %subject.session.user_name, %request_id, unmet = ?step_up.unmet, "signed in, but conditional access asks for more: stepping up");
+                let requirements = AuthenticationRequirements {
+                    acr_values: step_up.acr_values.clone(),
+                    max_age: step_up.max_age,
+                    force_login: true,
+                };
+                let mut response = self
+                    .start_sign_in(route, visit, &transaction.return_to, Some(requirements))
+                    .await;
+                append_cookie(response.headers_mut(), &removal);
+                return response;
+            }
+            _ => {
+                let mut response = refusal(None, &subject.session.user_name, &decision, request_id);
+                append_cookie(response.headers_mut(), &removal);
+                return response;
+            }
+        }
+        let session = &subject.session;
+        let settings = match decision.session.persistent_browser_session {
+            Some(choice) => CookieSettings {
+                persistent: choice == PersistentBrowserSession::Always,
+                ..settings
+            },
+            None => settings,
+        };
         let sealed = match session.seal(&keys, &Binding::new(route.app.clone(), &origin.host)) {
             Ok(sealed) => sealed,
             Err(error) => {
@@ -818,7 +973,12 @@ fn provider_key(oidc: &OidcClient) -> String {
     format!("{} {}", oidc.issuer_url, oidc.client_id)
 }
 
-fn new_session(route: &Route, signed_in: &SignedIn, now: u64) -> Result<Session, String> {
+fn new_session(
+    route: &Route,
+    signed_in: &SignedIn,
+    access: &AccessSettings,
+    now: u64,
+) -> Result<Session, String> {
     let user_name = signed_in
         .preferred_username
         .clone()
@@ -829,12 +989,18 @@ fn new_session(route: &Route, signed_in: &SignedIn, now: u64) -> Result<Session,
         return Err("the ID token has already expired".to_owned());
     }
     let mut claims = std::collections::BTreeMap::new();
-    for mapping in &route.identity.headers {
-        if is_session_claim(&mapping.claim) {
+    let wanted = route
+        .identity
+        .headers
+        .iter()
+        .map(|mapping| mapping.claim.as_str())
+        .chain(access.session_claims());
+    for claim in wanted {
+        if is_session_claim(claim) {
             continue;
         }
-        if let Some(value) = signed_in.extra.get(&mapping.claim) {
-            claims.insert(mapping.claim.clone(), json_text(value));
+        if let Some(value) = signed_in.extra.get(claim) {
+            claims.insert(claim.to_owned(), json_text(value));
         }
     }
     Ok(Session {
@@ -887,21 +1053,66 @@ fn claim_text(session: &Session, claim: &str) -> Option<String> {
     }
 }
 
-/// Whether the app's assignment lets `session`'s user in: no users and no groups named
-/// means every signed-in user.
-fn is_assigned(route: &Route, session: &Session) -> bool {
-    let assignment = &route.assignment;
-    if assignment.users.is_empty() && assignment.groups.is_empty() {
-        return true;
-    }
-    let user_listed = assignment.users.iter().any(|u| {
-        u.eq_ignore_ascii_case(&session.user_name)
-            || session
-                .email
-                .as_deref()
-                .is_some_and(|e| u.eq_ignore_ascii_case(e))
-    });
-    user_listed || assignment.groups.iter().any(|g| session.groups.contains(g))
+/// What a request to one of Sallyport's own paths carries that sign-in needs.
+struct Visit<'a> {
+    headers: &'a HeaderMap,
+    origin: &'a Origin,
+    client_ip: IpAddr,
+    request_id: &'a str,
+}
+
+/// The 403 page of a request or sign-in that conditional access refuses.
+fn refusal(
+    accept: Option<&HeaderValue>,
+    user: &str,
+    decision: &Decision,
+    request_id: &str,
+) -> Response<TunnelBody> {
+    let (title, detail) = match &decision.outcome {
+        Outcome::NotAssigned => (
+            "Access denied",
+            format!(
+                "{user} is not assigned to this application. Ask its administrators for access."
+            ),
+        ),
+        Outcome::Blocked { .. } => (
+            "Access blocked",
+            "Your organization's access policy does not allow this application from where, \
+             when or how you are signing in now."
+                .to_owned(),
+        ),
+        Outcome::Denied { unmet, .. } => (
+            "Access denied",
+            format!(
+                "This application requires {}, which {user} does not have.",
+                requirement_list(unmet)
+            ),
+        ),
+        Outcome::StepUp(step_up) => (
+            "Sign-in not strong enough",
+            format!(
+                "This application requires {}, which the sign-in did not provide. \
+                 Sign in again and complete it, or ask your administrators.",
+                requirement_list(&step_up.unmet)
+            ),
+        ),
+        Outcome::Allowed => ("Access denied", String::new()),
+    };
+    pages::error_response(
+        accept,
+        StatusCode::FORBIDDEN,
+        title,
+        &format!("{detail} ({})", now_text()),
+        request_id,
+    )
+}
+
+fn requirement_list(requirements: &[sallyport_policy::Requirement]) -> String {
+    requirements
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" and ")
 }
 
 /// Removes Sallyport's cookies and every client-sent copy of the app's identity headers

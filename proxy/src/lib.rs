@@ -2,6 +2,7 @@
 //!
 //! It terminates TLS for every published host, answers robots.txt, limits abuse, signs users in with OpenID Connect, keeps them signed in with an encrypted cookie, enforces conditional access, passes identity on to backends, and carries each request over a reverse HTTP/2 tunnel held open by a connector of the app's group.
 
+pub mod access;
 pub mod app_tls;
 pub mod auth;
 pub mod body_translation;

@@ -6,7 +6,8 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = sallyport_proxy::Cli::parse();
-    match sallyport_proxy::run(cli, &mut std::io::stdout().lock()) {
+    // Not stdout's lock: the proxy writes its sign-in log to stdout from worker threads.
+    match sallyport_proxy::run(cli, &mut std::io::stdout()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("sallyport-proxy: {error}");

@@ -33,9 +33,13 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ops::Deref;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::HeaderValue;
 use sallyport_api::fleet_config::{FleetConfig, Route};
+use sallyport_api::published_app::PreAuthenticationType;
+use sallyport_policy::{AppPolicies, MfaSettings, PolicySet};
+use tracing::error;
 
 use crate::forward::{ForwardRoute, InternalUrl, PreparedRoute};
 
@@ -121,13 +125,24 @@ fn wildcard_parent(host: &str) -> Option<&str> {
 pub struct AppRoute {
     route: Route,
     prepared: PreparedRoute,
+    policies: Option<Arc<AppPolicies>>,
 }
 
 impl AppRoute {
-    /// `route`, prepared for forwarding.
+    /// `route`, prepared for forwarding, without conditional access (passthrough).
     pub fn new(route: Route) -> Self {
         let prepared = PreparedRoute::new(&route);
-        Self { route, prepared }
+        Self {
+            route,
+            prepared,
+            policies: None,
+        }
+    }
+
+    /// The app's assignment and conditional access policies; `None` for a passthrough
+    /// app.
+    pub fn policies(&self) -> Option<&Arc<AppPolicies>> {
+        self.policies.as_ref()
     }
 }
 
@@ -166,9 +181,17 @@ pub struct RouteMatch<'a> {
     pub missing_slash: bool,
 }
 
+/// The generation of the next router built.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
 /// The routes of one fleet configuration, indexed by host, port and path prefix.
 pub struct Router {
     config: Arc<FleetConfig>,
+    /// Unique per router built in this process: the configuration generation that
+    /// cached decisions are keyed by.
+    generation: u64,
+    /// Route index by app id.
+    by_app: HashMap<Box<str>, usize>,
     /// The configuration's routes, in its order, prepared.
     routes: Vec<AppRoute>,
     /// Exact hosts.
@@ -182,6 +205,7 @@ impl std::fmt::Debug for Router {
         // Counts, not thousands of routes in a log line.
         f.debug_struct("Router")
             .field("version", &self.config.version)
+            .field("generation", &self.generation)
             .field("routes", &self.config.routes.len())
             .field("exact_hosts", &self.exact.len())
             .field("wildcard_hosts", &self.wildcard.len())
@@ -213,6 +237,17 @@ impl Router {
     /// wins. Hosts are normalised as [`HostKey`] does; a prefix is read as if it started
     /// and ended with `/`. Routes whose host cannot be normalised are never matched.
     pub fn new(config: Arc<FleetConfig>) -> Self {
+        Self::with_access(config, MfaSettings::default())
+    }
+
+    /// Like [`Router::new`], compiling the configuration's ConditionalAccessPolicies
+    /// with `mfa` for the OIDC routes. A policy that fails to compile blocks the users it
+    /// names (the engine fails closed); the failure is logged.
+    pub fn with_access(config: Arc<FleetConfig>, mfa: MfaSettings) -> Self {
+        let (policy_set, errors) = PolicySet::compile(&config.policies, mfa);
+        for error in errors {
+            error!(policy = error.policy(), %error, "ConditionalAccessPolicy cannot be evaluated; it blocks the users it names until fixed");
+        }
         let mut exact: HashMap<Box<str>, HostRoutes> = HashMap::new();
         let mut wildcard: HashMap<Box<str>, HostRoutes> = HashMap::new();
         for (index, route) in config.routes.iter().enumerate() {
@@ -234,9 +269,31 @@ impl Router {
                 index,
             );
         }
-        let routes = config.routes.iter().cloned().map(AppRoute::new).collect();
+        let routes: Vec<AppRoute> = config
+            .routes
+            .iter()
+            .cloned()
+            .map(|route| {
+                let mut prepared = AppRoute::new(route);
+                if prepared.pre_authentication.kind != PreAuthenticationType::Passthrough {
+                    prepared.policies = Some(Arc::new(policy_set.app(
+                        &prepared.app,
+                        &prepared.assignment,
+                        &prepared.route.policies,
+                    )));
+                }
+                prepared
+            })
+            .collect();
+        let by_app = routes
+            .iter()
+            .enumerate()
+            .map(|(index, route)| (route.app.as_str().into(), index))
+            .collect();
         Self {
             config,
+            generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
+            by_app,
             routes,
             exact,
             wildcard,
@@ -246,6 +303,18 @@ impl Router {
     /// The configuration this router indexes.
     pub fn config(&self) -> &Arc<FleetConfig> {
         &self.config
+    }
+
+    /// This router's generation: different for every router built in the process.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The assignment and policies of app `app` (`namespace/name`); `None` when the app
+    /// is not published or is passthrough.
+    pub fn policies_of(&self, app: &str) -> Option<&AppPolicies> {
+        let index = *self.by_app.get(app)?;
+        self.routes.get(index)?.policies().map(Arc::as_ref)
     }
 
     /// The route serving `path` on `host` (a `Host` header or `:authority`, port allowed

@@ -16,6 +16,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use sallyport_api::fleet_config::FleetConfig;
 use sallyport_oidc::{ProviderHttpClient, Providers};
+use sallyport_policy::MfaSettings;
 use sallyport_tunnel::pool::{PoolSettings, TunnelPool};
 use sallyport_tunnel::tls::{Credentials, TlsError, certificates_from_pem};
 use tokio::net::TcpListener;
@@ -23,6 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::access::AccessSettings;
 use crate::app_tls::{self, SecretSource};
 use crate::auth::{AuthSettings, Authenticator};
 use crate::certs::CertificateStore;
@@ -31,6 +33,7 @@ use crate::fleet_api::FleetApi;
 use crate::forward::{IpNetwork, TrustedProxies};
 use crate::identity_keys::{self, KeySource};
 use crate::issuer::{Issuer, IssuerError};
+use crate::registry::tunnel_status::{self, ReportSettings};
 use crate::registry::{KubeRegistry, MemoryRegistry, Registry, StaticToken};
 use crate::replicas;
 use crate::serve::{DrainSettings, Proxy, ProxyParts, ServeError, TUNNEL_DRAIN_TIMEOUT};
@@ -151,6 +154,13 @@ pub struct RunArgs {
     #[arg(long, env = "SALLYPORT_TUNNEL_WARMUP", default_value = "10s", value_parser = duration_or_zero)]
     pub tunnel_warmup: Duration,
 
+    /// In a cluster: how often this replica renews its entry in the `status.tunnels` of
+    /// each Connector holding a tunnel to it (and their `lastSeen`). Keep it well under
+    /// the operator's `--tunnel-stale-after` (60 s by default), after which an entry
+    /// not renewed no longer counts.
+    #[arg(long, env = "SALLYPORT_TUNNEL_STATUS_HEARTBEAT", default_value = "20s", value_parser = sallyport_service::parse_duration)]
+    pub tunnel_status_heartbeat: Duration,
+
     /// PEM file of extra CA certificates to trust for identity providers (besides the
     /// system's), for providers with a private CA.
     #[arg(long, env = "SALLYPORT_IDENTITY_PROVIDER_CA_FILE")]
@@ -160,6 +170,28 @@ pub struct RunArgs {
     /// `https://` and the first tunnel host name.
     #[arg(long, env = "SALLYPORT_ASSERTION_ISSUER")]
     pub assertion_issuer: Option<String>,
+
+    /// An `acr` value meaning the user completed multi-factor authentication (repeat the
+    /// flag, or separate with commas). A sign-in whose `acr` is one of them meets a
+    /// policy's `mfa` requirement, as does an `amr` holding `mfa`; a step-up for MFA asks
+    /// the provider for these `acr_values`. Without any, an MFA step-up only forces a
+    /// fresh sign-in (`prompt=login`).
+    #[arg(
+        long = "mfa-acr-value",
+        env = "SALLYPORT_MFA_ACR_VALUES",
+        value_delimiter = ','
+    )]
+    pub mfa_acr_values: Vec<String>,
+
+    /// ID token claim carrying the sign-in risk level (`low`, `medium`, `high`) for
+    /// policies' `signInRisk` condition, when the provider computes one. Unset: no
+    /// sign-in risk is known, and policies with that condition do not apply.
+    #[arg(long, env = "SALLYPORT_SIGN_IN_RISK_CLAIM")]
+    pub sign_in_risk_claim: Option<String>,
+
+    /// ID token claim carrying the user risk level, for policies' `userRisk` condition.
+    #[arg(long, env = "SALLYPORT_USER_RISK_CLAIM")]
+    pub user_risk_claim: Option<String>,
 
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "SALLYPORT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -234,7 +266,16 @@ async fn authenticator(
         )
     });
     let auth = Arc::new(Authenticator::new(
-        AuthSettings { assertion_issuer },
+        AuthSettings {
+            assertion_issuer,
+            access: AccessSettings {
+                mfa: MfaSettings {
+                    acr_values: args.mfa_acr_values.clone(),
+                },
+                sign_in_risk_claim: args.sign_in_risk_claim.clone(),
+                user_risk_claim: args.user_risk_claim.clone(),
+            },
+        },
         Providers::new(http),
         secrets.clone(),
     ));
@@ -310,6 +351,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     // Where the configuration, tokens, certificates and replicas come from.
     let (configs_tx, mut configs) = watch::channel(None::<Arc<FleetConfig>>);
     let (replicas_tx, replicas_rx) = watch::channel(vec![replica.clone()]);
+    let mut cluster = None;
     let (source, registry, secrets): (ConfigSource, Arc<dyn Registry>, SecretSource) =
         match &args.fleet_config_file {
             Some(file) => {
@@ -339,6 +381,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
                     replicas_tx,
                     shutdown.clone(),
                 ));
+                cluster = Some(client.clone());
                 (
                     ConfigSource::ConfigMap {
                         client: client.clone(),
@@ -404,6 +447,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         wait_for_tunnel: args.wait_for_tunnel,
         drain_timeout: TUNNEL_DRAIN_TIMEOUT,
         ..PoolSettings::default()
+    });
+    // In a cluster, the tunnels held here are reported on their Connectors' status.
+    let reporting = cluster.map(|client| {
+        let stop = CancellationToken::new();
+        let settings = ReportSettings::new(replica.clone(), args.tunnel_status_heartbeat);
+        let task = tokio::spawn(tunnel_status::report(
+            client,
+            pool.clone(),
+            settings,
+            stop.clone(),
+        ));
+        (task, stop)
     });
     let proxy = Proxy::new(ProxyParts {
         replica,
@@ -478,6 +533,18 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         timeout: args.drain_timeout,
     };
     proxy.serve_with_drain(listener, drain, settings).await;
+    // The tunnels are closed: this replica's entries go from the Connectors' status.
+    if let Some((task, stop)) = reporting {
+        stop.cancel();
+        if tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .is_err()
+        {
+            warn!(
+                "could not remove this replica's tunnel entries from Connector status within 5s; the operator lets them lapse"
+            );
+        }
+    }
     info!("drained; stopped");
     Ok(())
 }

@@ -48,6 +48,7 @@ use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, info, warn};
 
+use crate::access::{GuardedBody, STREAM_RECHECK, StreamGuard};
 use crate::auth::{self, Authenticator};
 use crate::certs::CertificateStore;
 use crate::fleet_api::{ClientAddress, FleetApi};
@@ -137,6 +138,8 @@ pub struct Proxy {
     fleet_api: FleetApi,
     config: Arc<ArcSwap<FleetConfig>>,
     router: ArcSwap<Router>,
+    /// Announces every new router to the open streams that conditional access guards.
+    routers: watch::Sender<Arc<Router>>,
     pool: TunnelPool,
     replicas: watch::Receiver<Vec<String>>,
     trusted_proxies: TrustedProxies,
@@ -181,7 +184,8 @@ impl Proxy {
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(StoreResolver(parts.certificates.clone())));
         user_tls.alpn_protocols = API_ALPN.iter().map(|p| p.to_vec()).collect();
-        let router = Router::new(parts.config.load_full());
+        let router = Arc::new(Router::new(parts.config.load_full()));
+        let (routers, _) = watch::channel(Arc::clone(&router));
         Ok(Arc::new(Self {
             replica: parts.replica,
             tunnel_hostnames: parts
@@ -193,7 +197,8 @@ impl Proxy {
             user_tls: Arc::new(user_tls),
             fleet_api: parts.fleet_api,
             config: parts.config,
-            router: ArcSwap::from_pointee(router),
+            router: ArcSwap::new(router),
+            routers,
             pool: parts.pool,
             replicas: parts.replicas,
             trusted_proxies: parts.trusted_proxies,
@@ -205,6 +210,21 @@ impl Proxy {
     /// Enables OpenID Connect pre-authentication: OIDC apps are served through `auth`.
     pub fn set_authenticator(&self, auth: Arc<Authenticator>) {
         self.auth.store(Some(auth));
+        // Policies are compiled with the authenticator's MFA settings.
+        self.store_router(self.config.load_full());
+    }
+
+    /// Routes `config` from now on, with its policies compiled for the authenticator.
+    fn store_router(&self, config: Arc<FleetConfig>) {
+        let mfa = self
+            .auth
+            .load()
+            .as_ref()
+            .map(|auth| auth.access().settings().mfa.clone())
+            .unwrap_or_default();
+        let router = Arc::new(Router::with_access(config, mfa));
+        self.router.store(Arc::clone(&router));
+        self.routers.send_replace(router);
     }
 
     /// The live tunnels.
@@ -260,7 +280,7 @@ impl Proxy {
     /// Serves `config` from now on: new routes, revoked connectors' tunnels closed,
     /// tunnels of removed groups closed, and every connector told the new version.
     pub async fn apply_config(&self, config: Arc<FleetConfig>) {
-        self.router.store(Arc::new(Router::new(config.clone())));
+        self.store_router(config.clone());
         self.config.store(config.clone());
         let closed = self.pool.retain(|identity| {
             let connector = identity.connector_id();
@@ -344,12 +364,26 @@ impl Proxy {
             stop: CancellationToken::new(),
             cut: CancellationToken::new(),
         });
+        // Open streams are decided again on every new router and, through this one
+        // timer for all of them, every STREAM_RECHECK (time windows, sign-in frequency).
+        let rechecks = {
+            let routers = self.routers.clone();
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(STREAM_RECHECK);
+                ticks.tick().await;
+                loop {
+                    ticks.tick().await;
+                    routers.send_modify(|_| {});
+                }
+            })
+        };
         loop {
             tokio::select! {
                 accepted = listener.accept() => self.admit(accepted, &connections).await,
                 () = shutdown.cancelled() => break,
             }
         }
+        rechecks.abort();
 
         info!(delay = ?drain.delay, "draining: still accepting while load balancers stop sending connections");
         self.start_draining();
@@ -612,7 +646,14 @@ impl Proxy {
                 m.route.pre_authentication.kind != PreAuthenticationType::Passthrough
             })
             && let Some(answer) = authenticator
-                .reserved(&router, &request, &origin, port, &request_id)
+                .reserved(
+                    &router,
+                    &request,
+                    &origin,
+                    port,
+                    client.client_ip,
+                    &request_id,
+                )
                 .await
         {
             return answer;
@@ -628,20 +669,47 @@ impl Proxy {
             return pages::maintenance(accept, &route.app, &request_id);
         }
         let mut request = request;
+        let mut guard = None;
         if route.pre_authentication.kind != PreAuthenticationType::Passthrough {
             let Some(authenticator) = &authenticator else {
                 return sign_in_unavailable(accept, route, &request_id);
             };
-            match authenticator.gate(route, &mut request, &origin, &request_id) {
-                auth::Gate::Pass(session) => {
-                    authenticator.add_identity(route, &session, request.headers_mut(), &request_id);
+            match authenticator.gate(
+                route,
+                matched.index,
+                router.generation(),
+                &mut request,
+                &origin,
+                client.client_ip,
+                &request_id,
+            ) {
+                auth::Gate::Pass(subject) => {
+                    authenticator.add_identity(
+                        route,
+                        &subject.session,
+                        request.headers_mut(),
+                        &request_id,
+                    );
+                    guard = Some(StreamGuard::new(
+                        self.routers.subscribe(),
+                        Arc::clone(authenticator.access()),
+                        Arc::from(route.app.as_str()),
+                        subject,
+                    ));
                 }
                 auth::Gate::Answer(answer) => return answer,
             }
         }
         if websocket::is_websocket_request(&request) {
-            return websocket::tunnel_upgrade(&self.pool, route, request, &client, &request_id)
-                .await;
+            return websocket::tunnel_upgrade(
+                &self.pool,
+                route,
+                request,
+                &client,
+                &request_id,
+                guard,
+            )
+            .await;
         }
         let mut request = request.map(body::incoming);
         if route.translation.body {
@@ -679,7 +747,13 @@ impl Proxy {
                         .entry(sallyport_tunnel::wire::REQUEST_ID_HEADER)
                         .or_insert(value);
                 }
-                response
+                match guard {
+                    // A long download or event stream ends when access is withdrawn.
+                    Some(guard) => response.map(|body| {
+                        http_body_util::BodyExt::boxed_unsync(GuardedBody::new(body, guard))
+                    }),
+                    None => response,
+                }
             }
             Ok(Err(PoolError::NoTunnel { group })) => {
                 warn!(app = %route.app, %group, %request_id, "no tunnel for the app's group");

@@ -47,6 +47,7 @@ use sallyport_tunnel::splice::{Splice, splice};
 use sallyport_tunnel::wire::REQUEST_ID_HEADER;
 use tracing::{Instrument as _, debug, info, warn};
 
+use crate::access::StreamGuard;
 use crate::body_translation;
 use crate::forward::{self, ClientInfo};
 use crate::pages;
@@ -99,6 +100,7 @@ pub async fn tunnel_upgrade(
     mut request: Request<Incoming>,
     client: &ClientInfo,
     request_id: &str,
+    guard: Option<StreamGuard>,
 ) -> Response<TunnelBody> {
     let accept = request.headers().get(ACCEPT).cloned();
     let accept = accept.as_ref();
@@ -204,7 +206,7 @@ pub async fn tunnel_upgrade(
     set_request_id(&mut answer, request_id);
     info!(app = %route.app, %request_id, "WebSocket open");
     let span = tracing::info_span!("websocket", app = %route.app, %request_id);
-    tokio::spawn(bridge(user, tunnel, stream).instrument(span));
+    tokio::spawn(bridge(user, tunnel, stream, guard).instrument(span));
     answer
 }
 
@@ -280,9 +282,15 @@ fn set_request_id(response: &mut Response<TunnelBody>, request_id: &str) {
 }
 
 /// Copies bytes between the user's connection and the tunnel stream until both have
-/// closed (see [`splice`]); `stream` keeps the tunnel stream counted as outstanding until
-/// then.
-async fn bridge(user: OnUpgrade, tunnel: Upgraded, stream: ResponseBody) {
+/// closed (see [`splice`]) or conditional access withdraws the session (`guard`: both
+/// sides are then closed at once); `stream` keeps the tunnel stream counted as
+/// outstanding until then.
+async fn bridge(
+    user: OnUpgrade,
+    tunnel: Upgraded,
+    stream: ResponseBody,
+    guard: Option<StreamGuard>,
+) {
     let user = match tokio::time::timeout(USER_UPGRADE_WAIT, user).await {
         Ok(Ok(user)) => user,
         Ok(Err(error)) => {
@@ -294,7 +302,21 @@ async fn bridge(user: OnUpgrade, tunnel: Upgraded, stream: ResponseBody) {
             return;
         }
     };
-    let spliced = splice(TokioIo::new(user), TokioIo::new(tunnel), Splice::default()).await;
+    let spliced = splice(TokioIo::new(user), TokioIo::new(tunnel), Splice::default());
+    let revoked = async {
+        match guard {
+            Some(guard) => guard.revoked().await,
+            None => std::future::pending().await,
+        }
+    };
+    let spliced = tokio::select! {
+        spliced = spliced => spliced,
+        () = revoked => {
+            info!("WebSocket closed: conditional access no longer allows the session");
+            drop(stream);
+            return;
+        }
+    };
     let (to_app, from_app) = (spliced.a_to_b, spliced.b_to_a);
     match spliced.error {
         None => info!(to_app, from_app, "WebSocket closed"),

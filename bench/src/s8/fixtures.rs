@@ -63,15 +63,15 @@ pub fn connector() -> Value {
     })
 }
 
-/// A status patch saying the connector holds its tunnels, as a running connector would
-/// report it.
+/// A status patch saying that a proxy replica holds tunnels of the connector, renewed
+/// now, as the replica would report it; the operator then sets `Connected` (run it with
+/// a `--tunnel-stale-after` longer than the benchmark, as nothing renews the entry).
 pub fn connector_connected() -> Value {
-    json!({"status": {"conditions": [{
-        "type": "Connected",
-        "status": "True",
-        "reason": "TunnelsUp",
-        "message": "2 tunnels (reported by sallyport-bench)",
-        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    let now = k8s_openapi::jiff::Timestamp::now().to_string();
+    json!({"status": {"tunnels": [{
+        "proxy": "sallyport-bench",
+        "since": now,
+        "renewedAt": now,
     }]}})
 }
 

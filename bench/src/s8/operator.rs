@@ -305,6 +305,9 @@ async fn measure(
         extra_args: vec![
             "--default-oidc-issuer".into(),
             "https://login.example.com/".into(),
+            // The Connector's tunnel entry (fixtures::connector_connected) is never renewed.
+            "--tunnel-stale-after".into(),
+            "24h".into(),
         ],
         log_filter: options.operator_log_filter.clone(),
         log: log.to_owned(),

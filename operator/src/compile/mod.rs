@@ -45,6 +45,7 @@ use sallyport_api::{
 
 use crate::external_url::ExternalUrl;
 pub use crate::published_app::backend_ca::{BackendCaLookup, BackendCas};
+pub use policy::{INVALID_POLICY, check_policy};
 
 /// Everything the configuration is compiled from.
 #[derive(Debug, Clone, Copy)]

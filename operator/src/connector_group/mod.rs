@@ -10,7 +10,8 @@
 
 pub mod build;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -20,6 +21,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use sallyport_api::{Connector, ConnectorGroup, ConnectorGroupStatus};
 use serde_json::json;
@@ -166,7 +168,97 @@ pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<
     ))
 }
 
+/// Which Connector changes concern their group's status (the count of registered and
+/// connected connectors), so that the proxies' heartbeats on Connector status (every
+/// 20 s per replica and connector) do not each reconcile the group: a Connector seen for
+/// the first time, one whose `Connected` status flipped, and one being deleted.
+#[derive(Debug, Default)]
+pub struct ConnectorChanges {
+    /// Whether each Connector (by uid) was connected when last seen.
+    connected: Mutex<HashMap<String, bool>>,
+}
+
+impl ConnectorChanges {
+    /// The group to reconcile for this version of `connector`, or `None` when nothing
+    /// the group counts changed since its previous version.
+    pub fn group_to_reconcile(&self, connector: &Connector) -> Option<ObjectRef<ConnectorGroup>> {
+        let group = ObjectRef::new(&connector.spec.connector_group)
+            .within(&connector.namespace().unwrap_or_default());
+        let key = connector.metadata.uid.clone().unwrap_or_else(|| {
+            format!(
+                "{}/{}",
+                connector.namespace().unwrap_or_default(),
+                connector.name_any()
+            )
+        });
+        let mut seen = self
+            .connected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if connector.metadata.deletion_timestamp.is_some() {
+            seen.remove(&key);
+            return Some(group);
+        }
+        let connected = build::is_connected(connector);
+        (seen.insert(key, connected) != Some(connected)).then_some(group)
+    }
+}
+
 /// Retries a failed reconcile after a short pause.
 pub fn error_policy(group: Arc<ConnectorGroup>, error: &Error, ctx: Arc<Context>) -> Action {
     retry_after_failure("ConnectorGroup", group.as_ref(), error, &ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connector(uid: &str, connected: &str, deleting: bool, renewed: &str) -> Connector {
+        let deletion = if deleting {
+            ", deletionTimestamp: '2026-01-01T00:00:00Z'"
+        } else {
+            ""
+        };
+        let yaml = format!(
+            "apiVersion: sallyport.dev/v1alpha1\nkind: Connector\nmetadata: {{name: c, namespace: ops, uid: {uid}{deletion}}}\nspec: {{connectorGroup: dc}}\nstatus:\n  tunnels: [{{proxy: a, since: '2026-01-01T00:00:00Z', renewedAt: '{renewed}'}}]\n  conditions: [{{type: Connected, status: '{connected}', reason: r, message: m, lastTransitionTime: '2026-01-01T00:00:00Z'}}]\n"
+        );
+        serde_yaml::from_str(&yaml).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn heartbeats_do_not_reconcile_the_group_but_connectivity_changes_do() {
+        let changes = ConnectorChanges::default();
+        let group = Some(ObjectRef::<ConnectorGroup>::new("dc").within("ops"));
+        let seen = |c: &Connector| changes.group_to_reconcile(c);
+        assert_eq!(
+            seen(&connector("u1", "False", false, "2026-01-01T00:00:00Z")),
+            group
+        );
+        assert_eq!(
+            seen(&connector("u1", "True", false, "2026-01-01T00:00:00Z")),
+            group
+        );
+        // A heartbeat: only renewedAt moved.
+        assert_eq!(
+            seen(&connector("u1", "True", false, "2026-01-01T00:00:20Z")),
+            None
+        );
+        assert_eq!(
+            seen(&connector("u1", "False", false, "2026-01-01T00:00:20Z")),
+            group
+        );
+        // Another connector is news; deletion always is.
+        assert_eq!(
+            seen(&connector("u2", "False", false, "2026-01-01T00:00:20Z")),
+            group
+        );
+        assert_eq!(
+            seen(&connector("u1", "False", true, "2026-01-01T00:00:20Z")),
+            group
+        );
+        assert_eq!(
+            seen(&connector("u1", "False", true, "2026-01-01T00:00:20Z")),
+            group
+        );
+    }
 }

@@ -5,9 +5,12 @@
 //! - [`KubeRegistry`]: the registration token Secret of each ConnectorGroup, counted with
 //!   optimistic concurrency so that several proxy replicas never spend one use twice,
 //!   and one `Connector` object per registered connector.
+//! - [`tunnel_status`]: in a cluster, each replica's tunnels reported on the `Connector`
+//!   objects they belong to.
 
 pub mod kube;
 pub mod memory;
+pub mod tunnel_status;
 
 use futures::future::BoxFuture;
 use rand::Rng;
