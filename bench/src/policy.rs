@@ -30,7 +30,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::machine::Machine;
-use crate::report::grouped;
+use crate::report::{build_profile, grouped, write_heading, written};
 
 /// Options of `sallyport-bench policy`.
 #[derive(Clone, Debug, Args)]
@@ -341,11 +341,7 @@ pub fn run(args: &PolicyArgs) -> Result<PolicyReport, PolicyBenchError> {
     }
     Ok(PolicyReport {
         scenario: "policy",
-        profile: if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release"
-        },
+        profile: build_profile(),
         machine: Machine::here(),
         rounds: args.rounds,
         rows,
@@ -394,23 +390,17 @@ fn timed(mut call: impl FnMut(), calls: u64, rounds: u32) -> NsPerCall {
 impl PolicyReport {
     /// The human-readable table.
     pub fn table(&self) -> String {
-        let mut out = String::new();
-        let _ = self.write_table(&mut out);
-        out
+        written(|out| self.write_table(out))
     }
 
     fn write_table(&self, out: &mut String) -> std::fmt::Result {
-        writeln!(
+        write_heading(
             out,
-            "Conditional access: per-request policy cost (AppPolicies::evaluate, one thread)"
+            "Conditional access: per-request policy cost (AppPolicies::evaluate, one thread)",
+            &self.machine,
+            self.profile,
+            "make bench-policy",
         )?;
-        writeln!(out, "machine: {}", self.machine)?;
-        if self.profile != "release" {
-            writeln!(
-                out,
-                "WARNING: a debug build of the benchmark; use `make bench-policy` for real numbers"
-            )?;
-        }
         writeln!(
             out,
             "median of {} rounds (fastest-slowest); every decision: allowed",

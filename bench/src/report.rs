@@ -1,7 +1,11 @@
 //! What every scenario's report shares: goals judged against measurements, and numbers
 //! written for people.
 
+use std::fmt::Write as _;
+
 use serde::Serialize;
+
+use crate::machine::Machine;
 
 /// One goal of the performance design, against what was measured.
 #[derive(Clone, Debug, Serialize)]
@@ -25,6 +29,42 @@ pub fn grouped(value: u64) -> String {
         out.push(digit);
     }
     out
+}
+
+/// How the benchmark was built: `release`, or `debug` (whose numbers mean little).
+pub fn build_profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}
+
+/// What `write` writes: a report's table, say.
+pub fn written(write: impl FnOnce(&mut String) -> std::fmt::Result) -> String {
+    let mut out = String::new();
+    let _ = write(&mut out);
+    out
+}
+
+/// The first lines of a report's table: `title`, the machine, and for a `debug`
+/// `profile` a warning that names the make target `make_target` for real numbers.
+pub fn write_heading(
+    out: &mut String,
+    title: &str,
+    machine: &Machine,
+    profile: &str,
+    make_target: &str,
+) -> std::fmt::Result {
+    writeln!(out, "{title}")?;
+    writeln!(out, "machine: {machine}")?;
+    if profile != "release" {
+        writeln!(
+            out,
+            "WARNING: a debug build of the benchmark; use `{make_target}` for real numbers"
+        )?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,13 +17,12 @@ use http::{Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt as _, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::api::{DynamicObject, Patch, PatchParams};
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -35,7 +34,7 @@ use crate::browser::{Browser, BrowserConfig};
 use crate::dataplane::{
     Answer, Fleet, ProxyOptions, REACTION_TIMEOUT, StepError, eventually, https_get,
 };
-use crate::echo::SeenRequest;
+use crate::echo::{RecordingBackend, SeenRequest};
 use crate::oidc::OidcProvider;
 use crate::process::{OwnedProcess, workspace_binary};
 use crate::sign_in::{connect_tls, get_over, start_provider, start_proxies_with};
@@ -51,6 +50,22 @@ pub const SESSION_COOKIE: &str = "__Host-sallyport";
 pub const MFA_ACR: &str = "urn:sallyport:acr:mfa";
 /// The `acr` the test provider issues for a password-only sign-in.
 pub const PASSWORD_ACR: &str = "urn:sallyport:acr:password";
+/// Alice of [`crate::oidc::OidcUser::standard`] signed in with her password, as the
+/// what-if tool's arguments (without `--ip`).
+pub const ALICE_WITH_PASSWORD: [&str; 12] = [
+    "--user",
+    "alice",
+    "--email",
+    "alice@example.test",
+    "--group",
+    "staff",
+    "--group",
+    "engineering",
+    "--amr",
+    "pwd",
+    "--acr",
+    PASSWORD_ACR,
+];
 /// The loopback address the tests' clients normally connect from.
 pub const HOME: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
 
@@ -65,67 +80,20 @@ type BackendBody = UnsyncBoxBody<Bytes, Infallible>;
 ///   are;
 /// - `GET /stream`: a body that never ends on its own, one line `tick <n>` every 100 ms;
 /// - anything else: `user=<X-Remote-User>` and `target=<path and query>` as text.
-pub struct AppBackend {
-    /// Where it listens.
-    pub address: SocketAddr,
-    seen: Arc<Mutex<Vec<SeenRequest>>>,
-    task: tokio::task::JoinHandle<()>,
-}
+pub struct AppBackend(RecordingBackend);
 
 impl AppBackend {
     /// Starts it on a free port of 127.0.0.1.
     pub async fn start() -> Result<Self, std::io::Error> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let address = listener.local_addr()?;
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let record = seen.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let record = record.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |request: Request<Incoming>| {
-                        let record = record.clone();
-                        async move { Ok::<_, Infallible>(backend_answer(&record, request)) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .with_upgrades()
-                        .await;
-                });
-            }
-        });
-        Ok(Self {
-            address,
-            seen,
-            task,
-        })
-    }
-
-    /// Its URL, `http://127.0.0.1:<port>/`.
-    pub fn url(&self) -> String {
-        format!("http://{}/", self.address)
-    }
-
-    /// Every request so far, oldest first.
-    pub fn seen(&self) -> Vec<SeenRequest> {
-        self.seen
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    /// The latest request whose target starts with `prefix`.
-    pub fn last_for(&self, prefix: &str) -> Option<SeenRequest> {
-        self.seen()
-            .into_iter()
-            .rev()
-            .find(|r| r.target.starts_with(prefix))
+        RecordingBackend::start(backend_answer).await.map(Self)
     }
 }
 
-impl Drop for AppBackend {
-    fn drop(&mut self) {
-        self.task.abort();
+impl Deref for AppBackend {
+    type Target = RecordingBackend;
+
+    fn deref(&self) -> &RecordingBackend {
+        &self.0
     }
 }
 
@@ -133,24 +101,9 @@ fn text_body(text: String) -> BackendBody {
     Full::new(Bytes::from(text)).boxed_unsync()
 }
 
-fn backend_answer(
-    record: &Mutex<Vec<SeenRequest>>,
-    request: Request<Incoming>,
-) -> Response<BackendBody> {
-    let seen = SeenRequest {
-        method: request.method().to_string(),
-        target: request
-            .uri()
-            .path_and_query()
-            .map_or("/".to_owned(), |p| p.as_str().to_owned()),
-        headers: request.headers().clone(),
-    };
+fn backend_answer(seen: &SeenRequest, request: Request<Incoming>) -> Response<BackendBody> {
     let user = seen.header("x-remote-user").unwrap_or("").to_owned();
     let target = seen.target.clone();
-    record
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(seen);
     let key = request
         .headers()
         .get("sec-websocket-key")
@@ -623,6 +576,25 @@ impl AccessBed {
     /// The app's id, `namespace/wiki`.
     pub fn app_id(&self) -> String {
         format!("{}/{APP_NAME}", self.fleet.bed.namespace)
+    }
+
+    /// What the what-if tool answers, over the objects in the cluster, for a sign-in to
+    /// the app described by `sign_in` (its `--user`, `--group`, `--ip`, ... arguments) at
+    /// the time and authentication time of the sign-in log line `logged`.
+    pub fn what_if_as_logged(&self, sign_in: &[&str], logged: &Value) -> Result<Value, StepError> {
+        let app = self.app_id();
+        let at = [
+            "--time",
+            logged["time"].as_str().unwrap_or_default(),
+            "--auth-time",
+            logged["authTime"].as_str().unwrap_or_default(),
+            "--operator-namespace",
+            &self.fleet.bed.operator_namespace,
+        ];
+        what_if(
+            self.fleet.bed.control_plane.kubeconfig_path(),
+            &[&["--app", &app][..], sign_in, &at].concat(),
+        )
     }
 
     /// The id of policy `name` of the test namespace, `namespace/name`.

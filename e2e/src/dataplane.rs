@@ -244,6 +244,16 @@ pub struct ProxyPorts {
     pub probes: SocketAddr,
 }
 
+impl ProxyPorts {
+    /// Two free ports of 127.0.0.1.
+    pub fn free() -> Result<Self, StepError> {
+        Ok(Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            probes: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        })
+    }
+}
+
 /// nginx's `*_temp_path` directives for the modules the `nginx` binary was built with,
 /// inside `dir` (a test's directory), so that nginx writes nothing elsewhere.
 pub fn nginx_temp_paths(nginx: &Path, dir: &Path) -> Result<String, std::io::Error> {
@@ -308,10 +318,7 @@ pub fn start_proxy(
     pki_dir: &Path,
     tunnel_hostname: &str,
 ) -> Result<(OwnedProcess, ProxyPorts), StepError> {
-    let ports = ProxyPorts {
-        listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-        probes: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-    };
+    let ports = ProxyPorts::free()?;
     let process = start_proxy_on(
         kubeconfig,
         namespace,
@@ -535,6 +542,26 @@ pub const FLEET_TUNNEL_HOST: &str = "tunnel.dataplane.test";
 /// The ConfigMap of the compiled fleet configuration, in the operator's namespace.
 const FLEET_CONFIG_MAP: &str = "sallyport-fleet-config";
 
+/// The compiled fleet configuration the operator in `operator_namespace` has published
+/// for the proxies, if any yet.
+pub async fn published_fleet_config(
+    client: &kube::Client,
+    operator_namespace: &str,
+) -> Result<Option<FleetConfig>, StepError> {
+    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), operator_namespace);
+    let Some(config_map) = config_maps.get_opt(FLEET_CONFIG_MAP).await? else {
+        return Ok(None);
+    };
+    let Some(bytes) = config_map
+        .binary_data
+        .as_ref()
+        .and_then(|data| data.get(STORAGE_KEY))
+    else {
+        return Ok(None);
+    };
+    Ok(Some(FleetConfig::from_gzip_json(&bytes.0)?))
+}
+
 /// How long a [`Fleet`] may take to react to a change (generous for a busy 2-core
 /// machine).
 pub const REACTION_TIMEOUT: Duration = Duration::from_secs(30);
@@ -588,13 +615,25 @@ impl Fleet {
         prefix: &str,
         replicas: &[&str],
     ) -> Result<Self, StepError> {
+        Self::start_with(supervisor, prefix, replicas, &[], &ProxyOptions::default()).await
+    }
+
+    /// Like [`Fleet::start`], the operator started with `operator_args` besides the
+    /// tunnel host name, and every replica with `proxy_options`.
+    pub async fn start_with(
+        supervisor: &Path,
+        prefix: &str,
+        replicas: &[&str],
+        operator_args: &[&str],
+        proxy_options: &ProxyOptions,
+    ) -> Result<Self, StepError> {
         let bed = Testbed::new(supervisor, Mode::ApiServer, prefix)
             .await
             .map_err(|e| e.to_string())?;
         let operator = start_operator(
             &bed.operator_kubeconfig,
             &bed.operator_namespace,
-            &["--tunnel-hostname", FLEET_TUNNEL_HOST],
+            &[&["--tunnel-hostname", FLEET_TUNNEL_HOST][..], operator_args].concat(),
         )?;
         let pki = tempfile::tempdir()?;
         for (secret, dir) in [
@@ -614,49 +653,55 @@ impl Fleet {
             .await?;
         }
         let proxy_kubeconfig = proxy_kubeconfig(bed.control_plane, &bed.operator_namespace).await?;
-        let mut proxies = Vec::new();
-        for name in replicas {
-            let (process, ports) = start_proxy(
-                &proxy_kubeconfig,
-                &bed.operator_namespace,
+        let mut fleet = Self {
+            bed,
+            operator,
+            pki,
+            proxy_kubeconfig,
+            proxies: Vec::new(),
+        };
+        let replicas: Vec<(&str, ProxyOptions)> = replicas
+            .iter()
+            .map(|name| (*name, proxy_options.clone()))
+            .collect();
+        fleet.add_proxies(&replicas).await?;
+        Ok(fleet)
+    }
+
+    /// Starts the proxy replicas `replicas` (each a name and its [`ProxyOptions`]) on free
+    /// ports, and waits until they listen.
+    pub async fn add_proxies(
+        &mut self,
+        replicas: &[(&str, ProxyOptions)],
+    ) -> Result<(), StepError> {
+        let first = self.proxies.len();
+        for (name, options) in replicas {
+            let ports = ProxyPorts::free()?;
+            let process = start_proxy_with(
+                &self.proxy_kubeconfig,
+                &self.bed.operator_namespace,
                 name,
-                pki.path(),
+                self.pki.path(),
                 FLEET_TUNNEL_HOST,
+                ports,
+                options,
             )?;
-            proxies.push(FleetProxy {
+            self.proxies.push(FleetProxy {
                 name: (*name).to_owned(),
                 process,
                 ports,
             });
         }
-        for proxy in &proxies {
+        for proxy in &self.proxies[first..] {
             wait_for_port(proxy.ports.listen, REACTION_TIMEOUT).await?;
         }
-        Ok(Self {
-            bed,
-            operator,
-            pki,
-            proxy_kubeconfig,
-            proxies,
-        })
+        Ok(())
     }
 
     /// The compiled fleet configuration the operator has published for the proxies, if
     /// any yet.
     pub async fn fleet_config(&self) -> Result<Option<FleetConfig>, StepError> {
-        let config_maps =
-            Api::<ConfigMap>::namespaced(self.bed.client.clone(), &self.bed.operator_namespace);
-        let Some(config_map) = config_maps.get_opt(FLEET_CONFIG_MAP).await? else {
-            return Ok(None);
-        };
-        let Some(bytes) = config_map
-            .binary_data
-            .as_ref()
-            .and_then(|data| data.get(STORAGE_KEY))
-        else {
-            return Ok(None);
-        };
-        Ok(Some(FleetConfig::from_gzip_json(&bytes.0)?))
+        published_fleet_config(&self.bed.client, &self.bed.operator_namespace).await
     }
 
     /// The replicas' listen addresses: what connectors dial and users reach.
@@ -711,23 +756,13 @@ impl Fleet {
         // refused (as with an unknown group), so wait for the group in the compiled
         // configuration the proxies watch.
         let id = format!("{}/{name}", self.bed.namespace);
-        let config_maps =
-            Api::<ConfigMap>::namespaced(self.bed.client.clone(), &self.bed.operator_namespace);
         eventually(
             &format!("group {id} in the fleet configuration"),
             REACTION_TIMEOUT,
             async || {
-                let Some(config_map) = config_maps.get_opt(FLEET_CONFIG_MAP).await? else {
+                let Some(config) = self.fleet_config().await? else {
                     return Ok(None);
                 };
-                let Some(bytes) = config_map
-                    .binary_data
-                    .as_ref()
-                    .and_then(|data| data.get(STORAGE_KEY))
-                else {
-                    return Ok(None);
-                };
-                let config = FleetConfig::from_gzip_json(&bytes.0)?;
                 Ok(config
                     .connector_groups
                     .iter()

@@ -4,7 +4,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::ops::Deref;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
@@ -32,17 +33,41 @@ impl SeenRequest {
     }
 }
 
-/// A running echo backend on loopback; stops when dropped.
-pub struct EchoBackend {
+impl SeenRequest {
+    /// The method, target and headers of `request`.
+    pub fn of<B>(request: &Request<B>) -> Self {
+        Self {
+            method: request.method().to_string(),
+            target: request
+                .uri()
+                .path_and_query()
+                .map_or("/".to_owned(), |p| p.as_str().to_owned()),
+            headers: request.headers().clone(),
+        }
+    }
+}
+
+/// A plain HTTP/1.1 backend on loopback that records every request, then answers it as
+/// the test's function says; stops when dropped. [`EchoBackend`] is one, and so is
+/// [`crate::access::AppBackend`].
+pub struct RecordingBackend {
     /// Where it listens.
     pub address: SocketAddr,
     seen: Arc<Mutex<Vec<SeenRequest>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl EchoBackend {
-    /// Starts it on a free port of 127.0.0.1.
-    pub async fn start() -> Result<Self, std::io::Error> {
+impl RecordingBackend {
+    /// Starts it on a free port of 127.0.0.1, each request answered by `answer` (given
+    /// the request as recorded, and the request itself, e.g. for an upgrade).
+    pub async fn start<B>(
+        answer: fn(&SeenRequest, Request<Incoming>) -> Response<B>,
+    ) -> Result<Self, std::io::Error>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -52,11 +77,17 @@ impl EchoBackend {
                 let record = record.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request: Request<Incoming>| {
-                        let record = record.clone();
-                        async move { Ok::<_, Infallible>(answer(&record, &request)) }
+                        let seen = SeenRequest::of(&request);
+                        record
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(seen.clone());
+                        let response = answer(&seen, request);
+                        async move { Ok::<_, Infallible>(response) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
                         .await;
                 });
             }
@@ -75,10 +106,10 @@ impl EchoBackend {
 
     /// Every request so far, oldest first.
     pub fn seen(&self) -> Vec<SeenRequest> {
-        match self.seen.lock() {
-            Ok(seen) => seen.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The latest request whose target starts with `prefix`.
@@ -90,9 +121,27 @@ impl EchoBackend {
     }
 }
 
-impl Drop for EchoBackend {
+impl Drop for RecordingBackend {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A running echo backend on loopback; stops when dropped.
+pub struct EchoBackend(RecordingBackend);
+
+impl EchoBackend {
+    /// Starts it on a free port of 127.0.0.1.
+    pub async fn start() -> Result<Self, std::io::Error> {
+        RecordingBackend::start(answer).await.map(Self)
+    }
+}
+
+impl Deref for EchoBackend {
+    type Target = RecordingBackend;
+
+    fn deref(&self) -> &RecordingBackend {
+        &self.0
     }
 }
 
@@ -102,15 +151,7 @@ fn escape(text: &str) -> String {
         .replace('>', "&gt;")
 }
 
-fn answer(record: &Mutex<Vec<SeenRequest>>, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let seen = SeenRequest {
-        method: request.method().to_string(),
-        target: request
-            .uri()
-            .path_and_query()
-            .map_or("/".to_owned(), |p| p.as_str().to_owned()),
-        headers: request.headers().clone(),
-    };
+fn answer(seen: &SeenRequest, _request: Request<Incoming>) -> Response<Full<Bytes>> {
     let mut lines = format!("method: {}\ntarget: {}\n", seen.method, seen.target);
     for (name, value) in &seen.headers {
         lines.push_str(&format!(
@@ -118,10 +159,6 @@ fn answer(record: &Mutex<Vec<SeenRequest>>, request: &Request<Incoming>) -> Resp
             name.as_str(),
             String::from_utf8_lossy(value.as_bytes())
         ));
-    }
-    match record.lock() {
-        Ok(mut all) => all.push(seen),
-        Err(poisoned) => poisoned.into_inner().push(seen),
     }
     let body = format!(
         "<!doctype html><html><head><title>echo</title></head><body><pre id=\"echo\">{}</pre></body></html>",

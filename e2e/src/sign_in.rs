@@ -13,11 +13,7 @@ use rustls_pki_types::{CertificateDer, ServerName, pem::PemObject};
 use tokio::net::TcpStream;
 
 use crate::browser::Browser;
-use crate::dataplane::{
-    Answer, FLEET_TUNNEL_HOST, Fleet, FleetProxy, IDENTITY_PROVIDER_CA_FILE, ProxyOptions,
-    ProxyPorts, REACTION_TIMEOUT, StepError, free_port, start_proxy, start_proxy_with,
-    wait_for_port,
-};
+use crate::dataplane::{Answer, Fleet, IDENTITY_PROVIDER_CA_FILE, ProxyOptions, StepError};
 use crate::oidc::{OidcClient, OidcProvider, OidcProviderConfig};
 use crate::test_ca::TestCa;
 
@@ -155,23 +151,11 @@ pub async fn start_proxies(
     ca: &TestCa,
     names: &[&str],
 ) -> Result<(), StepError> {
-    std::fs::write(fleet.pki.path().join(IDENTITY_PROVIDER_CA_FILE), ca.pem())?;
-    for name in names {
-        let (process, ports) = start_proxy(
-            &fleet.proxy_kubeconfig,
-            &fleet.bed.operator_namespace,
-            name,
-            fleet.pki.path(),
-            FLEET_TUNNEL_HOST,
-        )?;
-        wait_for_port(ports.listen, REACTION_TIMEOUT).await?;
-        fleet.proxies.push(FleetProxy {
-            name: (*name).to_owned(),
-            process,
-            ports,
-        });
-    }
-    Ok(())
+    let replicas: Vec<(&str, ProxyOptions)> = names
+        .iter()
+        .map(|name| (*name, ProxyOptions::default()))
+        .collect();
+    start_proxies_with(fleet, ca, &replicas).await
 }
 
 /// Like [`start_proxies`], each replica started with its [`ProxyOptions`] (extra
@@ -182,28 +166,7 @@ pub async fn start_proxies_with(
     replicas: &[(&str, ProxyOptions)],
 ) -> Result<(), StepError> {
     std::fs::write(fleet.pki.path().join(IDENTITY_PROVIDER_CA_FILE), ca.pem())?;
-    for (name, options) in replicas {
-        let ports = ProxyPorts {
-            listen: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-            probes: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-        };
-        let process = start_proxy_with(
-            &fleet.proxy_kubeconfig,
-            &fleet.bed.operator_namespace,
-            name,
-            fleet.pki.path(),
-            FLEET_TUNNEL_HOST,
-            ports,
-            options,
-        )?;
-        wait_for_port(ports.listen, REACTION_TIMEOUT).await?;
-        fleet.proxies.push(FleetProxy {
-            name: (*name).to_owned(),
-            process,
-            ports,
-        });
-    }
-    Ok(())
+    fleet.add_proxies(replicas).await
 }
 
 /// Starts a provider with a certificate from `ca` and one client, `wiki` (secret

@@ -14,8 +14,8 @@ use futures::StreamExt as _;
 use http::StatusCode;
 use http_body_util::BodyExt as _;
 use sallyport_e2e::access::{
-    AccessBed, AccessBedConfig, AccessProxy, HOME, PASSWORD_ACR, app_policy, echo_over,
-    open_stream, open_websocket, policy_results, request_id, session_cookie, what_if,
+    ALICE_WITH_PASSWORD, AccessBed, AccessBedConfig, AccessProxy, HOME, app_policy, echo_over,
+    open_stream, open_websocket, policy_results, request_id, session_cookie,
 };
 use sallyport_e2e::dataplane::{REACTION_TIMEOUT, StepError, eventually};
 use sallyport_e2e::sign_in::{check, sign_in_at};
@@ -96,33 +96,9 @@ async fn report_only_policies_are_logged_and_edited_policies_end_open_streams()
     )?;
 
     // The what-if tool, asked about the same sign-in, agrees with the proxy.
-    let app = bed.app_id();
-    let answer = what_if(
-        bed.fleet.bed.control_plane.kubeconfig_path(),
-        &[
-            "--app",
-            &app,
-            "--user",
-            "alice",
-            "--email",
-            "alice@example.test",
-            "--group",
-            "staff",
-            "--group",
-            "engineering",
-            "--ip",
-            "127.0.0.1",
-            "--amr",
-            "pwd",
-            "--acr",
-            PASSWORD_ACR,
-            "--time",
-            logged["time"].as_str().unwrap_or_default(),
-            "--auth-time",
-            logged["authTime"].as_str().unwrap_or_default(),
-            "--operator-namespace",
-            &bed.fleet.bed.operator_namespace,
-        ],
+    let answer = bed.what_if_as_logged(
+        &[&ALICE_WITH_PASSWORD[..], &["--ip", "127.0.0.1"]].concat(),
+        &logged,
     )?;
     check(
         answer["decision"] == logged["decision"] && policy_results(&answer) == results,

@@ -14,8 +14,8 @@ use std::path::Path;
 
 use http::StatusCode;
 use sallyport_e2e::access::{
-    AccessBed, AccessBedConfig, AccessProxy, HOME, PASSWORD_ACR, app_policy, policy_results,
-    request_id, session_cookie, what_if,
+    ALICE_WITH_PASSWORD, AccessBed, AccessBedConfig, AccessProxy, HOME, app_policy, policy_results,
+    request_id, session_cookie,
 };
 use sallyport_e2e::dataplane::{Answer, StepError};
 use sallyport_e2e::sign_in::{check, sign_in_at};
@@ -166,35 +166,9 @@ async fn a_location_policy_blocks_a_session_from_a_blocked_range_and_trusts_only
     let logged = bed.logs[0]
         .for_request(&request_id(&blocked)?)
         .ok_or("proxy A's log of the block is gone")?;
-    let app = bed.app_id();
-    let time = logged["time"].as_str().unwrap_or_default();
-    let auth_time = logged["authTime"].as_str().unwrap_or_default();
-    let answer = what_if(
-        bed.fleet.bed.control_plane.kubeconfig_path(),
-        &[
-            "--app",
-            &app,
-            "--user",
-            "alice",
-            "--email",
-            "alice@example.test",
-            "--group",
-            "staff",
-            "--group",
-            "engineering",
-            "--ip",
-            "127.0.0.2",
-            "--amr",
-            "pwd",
-            "--acr",
-            PASSWORD_ACR,
-            "--time",
-            time,
-            "--auth-time",
-            auth_time,
-            "--operator-namespace",
-            &bed.fleet.bed.operator_namespace,
-        ],
+    let answer = bed.what_if_as_logged(
+        &[&ALICE_WITH_PASSWORD[..], &["--ip", "127.0.0.2"]].concat(),
+        &logged,
     )?;
     check(
         answer["decision"] == "blocked"

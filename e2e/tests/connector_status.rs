@@ -16,14 +16,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, ListParams};
 use nix::sys::signal::Signal;
 use sallyport_api::{Connector, ConnectorGroup, PublishedApp};
-use sallyport_e2e::controlplane::Mode;
 use sallyport_e2e::dataplane::{
-    FLEET_TUNNEL_HOST, Fleet, FleetProxy, ProxyPorts, StepError, TrafficBackend, eventually,
-    free_port, https_get, wait_for_port, write_secret_dir,
+    Fleet, ProxyOptions, StepError, TrafficBackend, eventually, https_get,
 };
-use sallyport_e2e::identity::proxy_kubeconfig;
-use sallyport_e2e::process::{OwnedProcess, start_operator};
-use sallyport_e2e::testbed::Testbed;
 use serde_json::json;
 
 type TestResult = Result<(), StepError>;
@@ -37,94 +32,17 @@ const STALE_AFTER: &str = "6s";
 
 /// The fleet of [`Fleet::start`], with the short heartbeat and staleness above.
 async fn fleet(replicas: &[&str]) -> Result<Fleet, StepError> {
-    let bed = Testbed::new(
+    Fleet::start_with(
         Path::new(env!("CARGO_BIN_EXE_sallyport-cluster")),
-        Mode::ApiServer,
         "connstatus",
+        replicas,
+        &["--tunnel-stale-after", STALE_AFTER],
+        &ProxyOptions {
+            extra_args: vec!["--tunnel-status-heartbeat".to_owned(), HEARTBEAT.to_owned()],
+            stdout_file: None,
+        },
     )
     .await
-    .map_err(|e| e.to_string())?;
-    let operator = start_operator(
-        &bed.operator_kubeconfig,
-        &bed.operator_namespace,
-        &[
-            "--tunnel-hostname",
-            FLEET_TUNNEL_HOST,
-            "--tunnel-stale-after",
-            STALE_AFTER,
-        ],
-    )?;
-    let pki = tempfile::tempdir()?;
-    for (secret, dir) in [
-        ("sallyport-tunnel-tls", "tunnel-tls"),
-        ("sallyport-connector-issuer", "connector-issuer"),
-    ] {
-        eventually(&format!("Secret {secret}"), WITHIN, async || {
-            let files = write_secret_dir(
-                &bed.client,
-                &bed.operator_namespace,
-                secret,
-                &pki.path().join(dir),
-            )
-            .await?;
-            Ok(files.contains_key("tls.key").then_some(()))
-        })
-        .await?;
-    }
-    let proxy_kubeconfig = proxy_kubeconfig(bed.control_plane, &bed.operator_namespace).await?;
-    let mut proxies = Vec::new();
-    for name in replicas {
-        let ports = ProxyPorts {
-            listen: ([127, 0, 0, 1], free_port()?).into(),
-            probes: ([127, 0, 0, 1], free_port()?).into(),
-        };
-        let (listen, probes) = (ports.listen.to_string(), ports.probes.to_string());
-        let tunnel_tls = pki.path().join("tunnel-tls").display().to_string();
-        let issuer = pki.path().join("connector-issuer").display().to_string();
-        let kubeconfig = proxy_kubeconfig.display().to_string();
-        let process = OwnedProcess::start(
-            "sallyport-proxy",
-            &[
-                "run",
-                "--namespace",
-                &bed.operator_namespace,
-                "--listen",
-                &listen,
-                "--probe-address",
-                &probes,
-                "--tunnel-hostname",
-                FLEET_TUNNEL_HOST,
-                "--tunnel-tls-dir",
-                &tunnel_tls,
-                "--connector-issuer-dir",
-                &issuer,
-                "--wait-for-tunnel",
-                "1s",
-                "--tunnel-status-heartbeat",
-                HEARTBEAT,
-            ],
-            &[
-                ("KUBECONFIG", &kubeconfig),
-                ("POD_NAME", name),
-                ("RUST_LOG", "info,kube=warn"),
-            ],
-        )?;
-        proxies.push(FleetProxy {
-            name: (*name).to_owned(),
-            process,
-            ports,
-        });
-    }
-    for proxy in &proxies {
-        wait_for_port(proxy.ports.listen, WITHIN).await?;
-    }
-    Ok(Fleet {
-        bed,
-        operator,
-        pki,
-        proxy_kubeconfig,
-        proxies,
-    })
 }
 
 fn condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {

@@ -6,21 +6,18 @@
 
 use std::path::Path;
 use std::process::Output;
-use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use sallyport_api::{ConditionalAccessPolicy, ConnectorGroup, FleetConfig, PublishedApp};
 use sallyport_e2e::controlplane::Mode;
+use sallyport_e2e::dataplane::{REACTION_TIMEOUT, StepError, eventually, published_fleet_config};
 use sallyport_e2e::manifests::self_signed_tls_secret;
 use sallyport_e2e::process::{start_operator, workspace_binary};
 use sallyport_e2e::testbed::Testbed;
 use serde_json::Value;
 
-type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-/// Bound on waiting for the operator to react; generous for a busy 2-core machine.
-const REACTION_TIMEOUT: Duration = Duration::from_secs(30);
+type TestResult = Result<(), StepError>;
 
 /// The time of every sign-in asked about.
 const TIME: &str = "2026-01-05T12:00:00Z";
@@ -142,25 +139,17 @@ async fn published_config(
     operator_namespace: &str,
     what: &str,
     check: impl Fn(&FleetConfig) -> bool,
-) -> Result<FleetConfig, Box<dyn std::error::Error>> {
-    let config_maps = Api::<ConfigMap>::namespaced(client.clone(), operator_namespace);
-    let deadline = tokio::time::Instant::now() + REACTION_TIMEOUT;
-    loop {
-        let config = config_maps
-            .get_opt("sallyport-fleet-config")
-            .await?
-            .and_then(|cm| cm.binary_data)
-            .and_then(|mut data| data.remove("fleet-config.json.gz"))
-            .map(|bytes| FleetConfig::from_gzip_json(&bytes.0))
-            .transpose()?;
-        if let Some(config) = config.filter(|c| check(c)) {
-            return Ok(config);
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(format!("fleet configuration: {what} within {REACTION_TIMEOUT:?}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+) -> Result<FleetConfig, StepError> {
+    eventually(
+        &format!("fleet configuration: {what}"),
+        REACTION_TIMEOUT,
+        async || {
+            Ok(published_fleet_config(client, operator_namespace)
+                .await?
+                .filter(|c| check(c)))
+        },
+    )
+    .await
 }
 
 /// The `(status, reason, message)` of the `Accepted` condition of policy `name`, once it
@@ -168,22 +157,20 @@ async fn published_config(
 async fn accepted(
     policies: &Api<ConditionalAccessPolicy>,
     name: &str,
-) -> Result<(String, String, String), Box<dyn std::error::Error>> {
-    let deadline = tokio::time::Instant::now() + REACTION_TIMEOUT;
-    loop {
-        let policy = policies.get(name).await?;
-        let condition = policy
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Accepted"));
-        if let Some(c) = condition {
-            return Ok((c.status.clone(), c.reason.clone(), c.message.clone()));
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(format!("{name} has no Accepted condition: {policy:#?}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+) -> Result<(String, String, String), StepError> {
+    eventually(
+        &format!("an Accepted condition of {name}"),
+        REACTION_TIMEOUT,
+        async || {
+            let policy = policies.get(name).await?;
+            Ok(policy
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Accepted"))
+                .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone())))
+        },
+    )
+    .await
 }
 
 /// Where the what-if tool reads the objects.
@@ -200,7 +187,7 @@ async fn whatif(
     source: Source<'_>,
     operator_namespace: &str,
     args: &[&str],
-) -> Result<Output, Box<dyn std::error::Error>> {
+) -> Result<Output, StepError> {
     let mut command = tokio::process::Command::new(workspace_binary("sallyport-operator")?);
     command
         .arg("whatif")
@@ -223,7 +210,7 @@ async fn decide(
     operator_namespace: &str,
     args: &[&str],
     exit_code: i32,
-) -> Result<Value, Box<dyn std::error::Error>> {
+) -> Result<Value, StepError> {
     let output = whatif(
         source,
         operator_namespace,
@@ -256,73 +243,61 @@ fn results(event: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The sign-ins asked about: arguments, exit code, decision, and the results of the
-/// baseline, block-range, report-untrusted and require-mfa policies in that order.
-const CASES: [(&[&str], i32, &str, [&str; 4]); 7] = [
+/// A sign-in asked about and its answer, as [`CASES`] lists them.
+type Case = (
+    &'static [&'static str],
+    &'static str,
+    &'static [&'static str],
+    i32,
+    &'static str,
+    [&'static str; 4],
+);
+
+/// A user of the group the require-mfa policy names.
+const ALICE: [&str; 4] = ["--user", "alice", "--group", "staff"];
+/// A user no policy names but those for everyone.
+const BOB: [&str; 2] = ["--email", "bob@example.com"];
+
+/// The sign-ins asked about: who, from where, further arguments, exit code, decision, and
+/// the results of the baseline, block-range, report-untrusted and require-mfa policies
+/// in that order.
+const CASES: [Case; 7] = [
     (
-        &["--user", "alice", "--group", "staff", "--ip", "203.0.113.7"],
+        &ALICE,
+        "203.0.113.7",
+        &[],
         3,
         "stepUp",
         ["notApplied", "notApplied", "reportOnlyFailure", "failure"],
     ),
     (
-        &[
-            "--user",
-            "alice",
-            "--group",
-            "staff",
-            "--ip",
-            "203.0.113.7",
-            "--amr",
-            "pwd",
-            "--amr",
-            "mfa",
-        ],
+        &ALICE,
+        "203.0.113.7",
+        &["--amr", "pwd", "--amr", "mfa"],
         0,
         "allowed",
         ["notApplied", "notApplied", "reportOnlySuccess", "success"],
     ),
     (
-        &[
-            "--user",
-            "alice",
-            "--group",
-            "staff",
-            "--ip",
-            "203.0.113.7",
-            "--acr",
-            "phr",
-            "--mfa-acr-value",
-            "phr",
-        ],
+        &ALICE,
+        "203.0.113.7",
+        &["--acr", "phr", "--mfa-acr-value", "phr"],
         0,
         "allowed",
         ["notApplied", "notApplied", "reportOnlySuccess", "success"],
     ),
     (
-        &[
-            "--user",
-            "alice",
-            "--group",
-            "staff",
-            "--ip",
-            "198.51.100.20",
-            "--amr",
-            "mfa",
-        ],
+        &ALICE,
+        "198.51.100.20",
+        &["--amr", "mfa"],
         3,
         "blocked",
         ["notApplied", "failure", "reportOnlySuccess", "success"],
     ),
     (
-        &[
-            "--email",
-            "bob@example.com",
-            "--ip",
-            "10.1.2.3",
-            "--platform",
-            "linux",
-        ],
+        &BOB,
+        "10.1.2.3",
+        &["--platform", "linux"],
         0,
         "allowed",
         [
@@ -333,14 +308,9 @@ const CASES: [(&[&str], i32, &str, [&str; 4]); 7] = [
         ],
     ),
     (
-        &[
-            "--email",
-            "bob@example.com",
-            "--ip",
-            "10.1.2.3",
-            "--sign-in-risk",
-            "high",
-        ],
+        &BOB,
+        "10.1.2.3",
+        &["--sign-in-risk", "high"],
         3,
         "blocked",
         [
@@ -351,14 +321,9 @@ const CASES: [(&[&str], i32, &str, [&str; 4]); 7] = [
         ],
     ),
     (
-        &[
-            "--user",
-            "breakglass",
-            "--ip",
-            "10.1.2.3",
-            "--sign-in-risk",
-            "high",
-        ],
+        &["--user", "breakglass"],
+        "10.1.2.3",
+        &["--sign-in-risk", "high"],
         0,
         "allowed",
         [
@@ -383,7 +348,8 @@ async fn whatif_answers_as_the_fleet_configuration_decides() -> TestResult {
         Mode::ApiServer,
         "whatif",
     )
-    .await?;
+    .await
+    .map_err(|e| e.to_string())?;
     let _operator = start_operator(
         &operator_kubeconfig,
         &operator_namespace,
@@ -414,22 +380,22 @@ async fn whatif_answers_as_the_fleet_configuration_decides() -> TestResult {
 
     // Settled: the app's status raises no warning (the tool warns while it would).
     let apps = Api::<PublishedApp>::namespaced(client.clone(), &namespace);
-    let deadline = tokio::time::Instant::now() + REACTION_TIMEOUT;
-    loop {
-        let seen = apps.get("wiki").await?;
-        let resolved = seen.status.as_ref().is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.type_ == "ResolvedRefs" && c.status == "True")
-        });
-        if resolved {
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(format!("wiki never resolved its references: {seen:#?}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(
+        "wiki resolving its references",
+        REACTION_TIMEOUT,
+        async || {
+            let seen = apps.get("wiki").await?;
+            Ok(seen
+                .status
+                .is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "ResolvedRefs" && c.status == "True")
+                })
+                .then_some(()))
+        },
+    )
+    .await?;
 
     let wiki = format!("{namespace}/wiki");
     let baseline = format!("{operator_namespace}/baseline");
@@ -457,8 +423,8 @@ async fn whatif_answers_as_the_fleet_configuration_decides() -> TestResult {
     )?;
     let kubeconfig = control_plane.kubeconfig_path();
     let app = ["--app", wiki.as_str()];
-    for (args, exit_code, decision, expected) in CASES {
-        let args = [&app[..], args].concat();
+    for (who, ip, extra, exit_code, decision, expected) in CASES {
+        let args = [&app[..], who, &["--ip", ip], extra].concat();
         let from_cluster = decide(
             Source::Cluster(kubeconfig),
             &operator_namespace,
@@ -499,7 +465,7 @@ async fn whatif_answers_as_the_fleet_configuration_decides() -> TestResult {
     let output = whatif(
         Source::Cluster(kubeconfig),
         &operator_namespace,
-        &[&app[..], CASES[0].0].concat(),
+        &[&app[..], &ALICE, &["--ip", "203.0.113.7"]].concat(),
     )
     .await?;
     let text = String::from_utf8_lossy(&output.stdout);

@@ -44,8 +44,50 @@ pub(crate) struct Members {
     /// `"*"` was included: every user, for groups as for users (a group list of `"*"`
     /// leaves no one out, whatever groups they have).
     pub everyone: bool,
-    pub include: HashSet<String>,
-    pub exclude: HashSet<String>,
+    pub include: NameList,
+    pub exclude: NameList,
+}
+
+/// Names, sorted for binary search: cheaper than hashing for the few names a policy
+/// usually lists, and still logarithmic for a long list.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct NameList(Vec<String>);
+
+impl NameList {
+    /// Whether `name` is in the list (exactly).
+    pub fn contains(&self, name: &str) -> bool {
+        self.0
+            .binary_search_by(|listed| listed.as_str().cmp(name))
+            .is_ok()
+    }
+
+    /// True when the list is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The names, sorted.
+    pub fn iter(&self) -> std::slice::Iter<'_, String> {
+        self.0.iter()
+    }
+}
+
+impl FromIterator<String> for NameList {
+    fn from_iter<I: IntoIterator<Item = String>>(names: I) -> Self {
+        let mut names: Vec<String> = names.into_iter().collect();
+        names.sort_unstable();
+        names.dedup();
+        Self(names)
+    }
+}
+
+impl<'a> IntoIterator for &'a NameList {
+    type Item = &'a String;
+    type IntoIter = std::slice::Iter<'a, String>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
 }
 
 impl Members {
@@ -363,8 +405,8 @@ impl PolicySet {
 #[derive(Clone, Debug)]
 pub struct AppPolicies {
     pub(crate) app: Arc<str>,
-    pub(crate) assigned_users: HashSet<String>,
-    pub(crate) assigned_groups: HashSet<String>,
+    pub(crate) assigned_users: NameList,
+    pub(crate) assigned_groups: NameList,
     pub(crate) policies: Vec<Arc<CompiledPolicy>>,
     pub(crate) mfa: Arc<MfaSettings>,
 }

@@ -8,7 +8,7 @@ use jiff::Timestamp;
 use sallyport_api::conditional_access_policy::{PersistentBrowserSession, RequirementOperator};
 use serde::Serialize;
 
-use crate::compile::{AppPolicies, CompiledPolicy, CompiledRequirements};
+use crate::compile::{AppPolicies, CompiledPolicy, CompiledRequirements, NameList};
 use crate::context::{MfaSettings, SignInContext};
 
 /// What the engine decided for a sign-in.
@@ -436,12 +436,12 @@ impl Subject<'_> {
     /// Whether the policy applies: its users and groups, then its conditions.
     fn applies(&self, policy: &CompiledPolicy) -> Result<(), NotApplied> {
         let context = self.context;
-        let user_named = |set: &std::collections::HashSet<String>| {
-            set.contains(self.user) || self.email.is_some_and(|e| set.contains(e))
+        let user_named = |set: &NameList| {
+            !set.is_empty()
+                && (set.contains(self.user) || self.email.is_some_and(|e| set.contains(e)))
         };
-        let in_group = |set: &std::collections::HashSet<String>| {
-            !set.is_empty() && context.groups.iter().any(|g| set.contains(g))
-        };
+        let in_group =
+            |set: &NameList| !set.is_empty() && context.groups.iter().any(|g| set.contains(g));
         let included = policy.users.everyone
             || policy.groups.everyone
             || user_named(&policy.users.include)

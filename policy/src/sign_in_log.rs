@@ -99,8 +99,10 @@ pub struct SignInEventPolicy<'a> {
     /// The requirements it found unmet.
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     pub unmet: &'a [Requirement],
-    /// The verdict, in words.
-    pub detail: String,
+    /// The verdict in words, for a policy that applied (`notApplied` says why one did
+    /// not, and keeps a line of a thousand policies short).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl<'a> SignInEvent<'a> {
@@ -130,7 +132,10 @@ impl<'a> SignInEvent<'a> {
                     PolicyVerdict::Unmet(unmet) => unmet,
                     _ => &[],
                 },
-                detail: result.verdict.to_string(),
+                detail: match result.verdict {
+                    PolicyVerdict::NotApplied(_) => None,
+                    _ => Some(result.verdict.to_string()),
+                },
             })
             .collect();
         Self {

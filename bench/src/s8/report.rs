@@ -10,7 +10,7 @@ use super::operator::OperatorReport;
 use crate::error::BenchError;
 use crate::machine::Machine;
 pub use crate::report::GoalOutcome;
-use crate::report::grouped;
+use crate::report::{build_profile, grouped, write_heading, written};
 
 /// S8 goal: this many seconds until 1,000 apps are Ready.
 pub const READY_GOAL_S: f64 = 30.0;
@@ -64,11 +64,7 @@ impl S8Report {
         }
         Self {
             scenario: "S8",
-            profile: if cfg!(debug_assertions) {
-                "debug"
-            } else {
-                "release"
-            },
+            profile: build_profile(),
             machine: Machine::here(),
             compile,
             operator,
@@ -78,23 +74,17 @@ impl S8Report {
 
     /// The human-readable table.
     pub fn table(&self) -> String {
-        let mut out = String::new();
-        let _ = self.write_table(&mut out);
-        out
+        written(|out| self.write_table(out))
     }
 
     fn write_table(&self, out: &mut String) -> std::fmt::Result {
-        writeln!(
+        write_heading(
             out,
-            "S8: the operator under a burst of PublishedApps; the fleet configuration compiler"
+            "S8: the operator under a burst of PublishedApps; the fleet configuration compiler",
+            &self.machine,
+            self.profile,
+            "make bench",
         )?;
-        writeln!(out, "machine: {}", self.machine)?;
-        if self.profile != "release" {
-            writeln!(
-                out,
-                "WARNING: a debug build of the benchmark; use `make bench` for real numbers"
-            )?;
-        }
         if let Some(o) = &self.operator {
             writeln!(out)?;
             writeln!(

@@ -284,18 +284,12 @@ fn compile_apps(
 
     let mut revoked = BTreeSet::new();
     for value in inputs.revoked_connectors {
-        match value.split_once('/') {
-            Some((namespace, name))
-                if !namespace.is_empty() && !name.is_empty() && !name.contains('/') =>
-            {
-                revoked.insert(value.clone());
-            }
-            _ => {
-                return Err(CompileError::InvalidRevokedConnector {
-                    value: value.clone(),
-                });
-            }
+        if split_namespaced_name(value).is_none() {
+            return Err(CompileError::InvalidRevokedConnector {
+                value: value.clone(),
+            });
         }
+        revoked.insert(value.clone());
     }
     for (connector, id) in inputs.connectors.iter().zip(connector_ids) {
         if connector.metadata.deletion_timestamp.is_some() {
@@ -416,6 +410,14 @@ fn is_dns_label(text: &str) -> bool {
         && !text.ends_with('-')
 }
 
+/// The namespace and name of `text` when it is `NAMESPACE/NAME` (both parts non-empty,
+/// one slash), as revoked connectors and the what-if tool's `--app` are given.
+pub(crate) fn split_namespaced_name(text: &str) -> Option<(&str, &str)> {
+    text.split_once('/').filter(|(namespace, name)| {
+        !namespace.is_empty() && !name.is_empty() && !name.contains('/')
+    })
+}
+
 /// `namespace/name` of every object, in input order; refuses nameless, namespace-less and
 /// duplicate objects.
 fn object_ids<'a>(
@@ -493,17 +495,40 @@ fn check_duration(
     }
 }
 
+/// What the tests of the compile step and of the what-if tool build their objects from.
 #[cfg(test)]
-mod tests {
+pub(crate) mod fixtures {
     use super::manifests::Manifests;
-    use super::*;
 
-    const MANIFESTS: &str = "
+    /// ConnectorGroup `team-a/dc`, the group of the fixtures' apps.
+    pub const GROUP_DC: &str = "
 apiVersion: sallyport.dev/v1alpha1
 kind: ConnectorGroup
 metadata: {name: dc, namespace: team-a}
 spec: {}
----
+";
+
+    /// The objects of the YAML streams `documents`; those that name no namespace are put
+    /// in `default`.
+    pub fn manifests(documents: &[&str]) -> Manifests {
+        let mut manifests = Manifests::default();
+        for yaml in documents {
+            manifests
+                .add_yaml("test", yaml, "default")
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        manifests
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::GROUP_DC;
+    use super::manifests::Manifests;
+    use super::*;
+
+    /// Besides [`GROUP_DC`].
+    const MANIFESTS: &str = "
 apiVersion: sallyport.dev/v1alpha1
 kind: ConnectorGroup
 metadata: {name: other, namespace: team-a}
@@ -551,11 +576,7 @@ spec:
 ";
 
     fn manifests() -> Manifests {
-        let mut manifests = Manifests::default();
-        manifests
-            .add_yaml("test", MANIFESTS, "default")
-            .unwrap_or_else(|e| panic!("{e}"));
-        manifests
+        fixtures::manifests(&[GROUP_DC, MANIFESTS])
     }
 
     fn ca_ref(name: &str) -> SecretKeyRef {

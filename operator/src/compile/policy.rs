@@ -158,7 +158,7 @@ fn config_of(policy: &ConditionalAccessPolicy, id: &str) -> Policy {
 
 #[cfg(test)]
 mod tests {
-    use super::super::manifests::Manifests;
+    use super::super::fixtures::{self, GROUP_DC};
     use super::super::{FleetDefaults, compile};
     use super::*;
 
@@ -248,16 +248,9 @@ mod tests {
 
     #[test]
     fn an_app_is_not_served_without_its_refused_policy() {
-        let mut manifests = Manifests::default();
-        manifests
-            .add_yaml(
-                "test",
-                "
-apiVersion: sallyport.dev/v1alpha1
-kind: ConnectorGroup
-metadata: {name: dc, namespace: team-a}
-spec: {}
----
+        let mut manifests = fixtures::manifests(&[
+            GROUP_DC,
+            "
 apiVersion: sallyport.dev/v1alpha1
 kind: PublishedApp
 metadata: {name: wiki, namespace: team-a}
@@ -268,9 +261,7 @@ spec:
   preAuthentication: {type: Passthrough}
   tls: {secretName: wiki-tls}
 ",
-                "default",
-            )
-            .unwrap_or_else(|e| panic!("{e}"));
+        ]);
         manifests.policies.push(policy(
             "{times: [{from: '08:00', to: '18:00', timeZone: Mars/Olympus}]}",
         ));

@@ -32,7 +32,9 @@ use sallyport_policy::{
 };
 
 use crate::compile::manifests::{ManifestError, Manifests};
-use crate::compile::{CompileError, DefaultOidcClient, FleetDefaults, compile};
+use crate::compile::{
+    CompileError, DefaultOidcClient, FleetDefaults, compile, split_namespaced_name,
+};
 
 /// The exit code when the decision is anything but `allowed`.
 pub const NOT_ALLOWED_EXIT_CODE: u8 = 3;
@@ -205,13 +207,9 @@ pub enum Output {
 }
 
 fn parse_app(text: &str) -> Result<String, String> {
-    match text.split_once('/') {
-        Some((namespace, name))
-            if !namespace.is_empty() && !name.is_empty() && !name.contains('/') =>
-        {
-            Ok(text.to_owned())
-        }
-        _ => Err(format!(
+    match split_namespaced_name(text) {
+        Some(_) => Ok(text.to_owned()),
+        None => Err(format!(
             "{text:?} is not NAMESPACE/NAME (the PublishedApp's namespace and name)"
         )),
     }
@@ -503,16 +501,12 @@ mod tests {
     use clap::Parser;
 
     use super::*;
+    use crate::compile::fixtures::{self, GROUP_DC};
     use crate::{Cli, Command};
 
-    /// An OIDC app with four policies, one a fleet-wide baseline; a Passthrough app; an
-    /// app whose ConnectorGroup is missing.
+    /// Besides [`GROUP_DC`]: an OIDC app with four policies, one a fleet-wide baseline; a
+    /// Passthrough app; an app whose ConnectorGroup is missing.
     const MANIFESTS: &str = "
-apiVersion: sallyport.dev/v1alpha1
-kind: ConnectorGroup
-metadata: {name: dc, namespace: team-a}
-spec: {}
----
 apiVersion: sallyport.dev/v1alpha1
 kind: PublishedApp
 metadata: {name: wiki, namespace: team-a, labels: {tier: internal}}
@@ -574,11 +568,7 @@ spec:
 ";
 
     fn manifests() -> Manifests {
-        let mut manifests = Manifests::default();
-        manifests
-            .add_yaml("test", MANIFESTS, "default")
-            .unwrap_or_else(|e| panic!("{e}"));
-        manifests
+        fixtures::manifests(&[GROUP_DC, MANIFESTS])
     }
 
     fn parse(extra: &[&str]) -> Result<WhatIfArgs, clap::Error> {
@@ -752,23 +742,23 @@ spec:
     }
 
     const WIKI: [&str; 2] = ["--app", "team-a/wiki"];
+    /// A user the require-mfa policy names.
+    const ALICE: [&str; 4] = ["--user", "alice", "--group", "staff"];
+    /// A user no policy of the app names (besides those for everyone).
+    const CAROL: [&str; 4] = ["--user", "carol", "--group", "contractors"];
+
+    /// The arguments of a sign-in to team-a/wiki by `who` from `ip`, then `extra`.
+    fn on_wiki(
+        who: &[&'static str],
+        ip: &'static str,
+        extra: &[&'static str],
+    ) -> Vec<&'static str> {
+        [&WIKI[..], who, &["--ip", ip], extra].concat()
+    }
 
     #[test]
     fn a_user_outside_every_policy_is_allowed() {
-        let (code, event) = json(
-            &[
-                &WIKI[..],
-                &[
-                    "--user",
-                    "carol",
-                    "--group",
-                    "contractors",
-                    "--ip",
-                    "203.0.113.9",
-                ],
-            ]
-            .concat(),
-        );
+        let (code, event) = json(&on_wiki(&CAROL, "203.0.113.9", &[]));
         assert_eq!(code, ExitCode::SUCCESS);
         assert_eq!(event["decision"], "allowed");
         assert_eq!(event["stage"], "whatIf");
@@ -790,15 +780,10 @@ spec:
 
     #[test]
     fn the_text_answer_names_the_decision_and_every_policy() {
-        let (code, out, report) = ask(&[
-            &WIKI[..],
+        let (code, out, report) = ask(&on_wiki(
+            &ALICE,
+            "203.0.113.9",
             &[
-                "--user",
-                "alice",
-                "--group",
-                "staff",
-                "--ip",
-                "203.0.113.9",
                 "--platform",
                 "android",
                 "--mfa-acr-value",
@@ -806,8 +791,7 @@ spec:
                 "--mfa-acr-value",
                 "phrh",
             ],
-        ]
-        .concat())
+        ))
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(code, ExitCode::from(NOT_ALLOWED_EXIT_CODE));
         assert_eq!(report, "");
@@ -880,44 +864,18 @@ spec:
 
     #[test]
     fn mfa_in_the_sign_in_satisfies_the_policy_until_the_sign_in_frequency_lapses() {
-        let fresh = [
-            &WIKI[..],
-            &[
-                "--user",
-                "alice",
-                "--group",
-                "staff",
-                "--ip",
-                "203.0.113.9",
-                "--amr",
-                "pwd",
-                "--amr",
-                "mfa",
-            ],
-        ]
-        .concat();
+        let fresh = on_wiki(&ALICE, "203.0.113.9", &["--amr", "pwd", "--amr", "mfa"]);
         let (code, event) = json(&fresh);
         assert_eq!(
             (code, event["decision"].as_str()),
             (ExitCode::SUCCESS, Some("allowed"))
         );
 
-        let by_acr = [
-            &WIKI[..],
-            &[
-                "--user",
-                "alice",
-                "--group",
-                "staff",
-                "--ip",
-                "203.0.113.9",
-                "--acr",
-                "phr",
-                "--mfa-acr-value",
-                "phr",
-            ],
-        ]
-        .concat();
+        let by_acr = on_wiki(
+            &ALICE,
+            "203.0.113.9",
+            &["--acr", "phr", "--mfa-acr-value", "phr"],
+        );
         assert_eq!(json(&by_acr).1["decision"], "allowed");
 
         let stale = [&fresh[..], &["--auth-time", "2026-01-05T03:59:59Z"]].concat();
@@ -930,41 +888,11 @@ spec:
 
     #[test]
     fn blocks_win_and_report_only_never_decides() {
-        let (_, event) = json(
-            &[
-                &WIKI[..],
-                &[
-                    "--user",
-                    "alice",
-                    "--group",
-                    "staff",
-                    "--ip",
-                    "198.51.100.7",
-                    "--amr",
-                    "mfa",
-                ],
-            ]
-            .concat(),
-        );
+        let (_, event) = json(&on_wiki(&ALICE, "198.51.100.7", &["--amr", "mfa"]));
         assert_eq!(event["decision"], "blocked");
         assert_eq!(event["reason"], "blocked by policy team-a/block-range");
 
-        let (_, event) = json(
-            &[
-                &WIKI[..],
-                &[
-                    "--user",
-                    "carol",
-                    "--group",
-                    "contractors",
-                    "--ip",
-                    "203.0.113.9",
-                    "--sign-in-risk",
-                    "high",
-                ],
-            ]
-            .concat(),
-        );
+        let (_, event) = json(&on_wiki(&CAROL, "203.0.113.9", &["--sign-in-risk", "high"]));
         assert_eq!(event["decision"], "blocked");
         assert_eq!(
             event["reason"],
@@ -972,22 +900,7 @@ spec:
         );
 
         // Report-only fails, and still allowed.
-        let (code, event) = json(
-            &[
-                &WIKI[..],
-                &[
-                    "--user",
-                    "carol",
-                    "--group",
-                    "contractors",
-                    "--ip",
-                    "203.0.113.9",
-                    "--platform",
-                    "android",
-                ],
-            ]
-            .concat(),
-        );
+        let (code, event) = json(&on_wiki(&CAROL, "203.0.113.9", &["--platform", "android"]));
         assert_eq!(
             (code, event["decision"].as_str()),
             (ExitCode::SUCCESS, Some("allowed"))
@@ -999,9 +912,8 @@ spec:
 
     #[test]
     fn a_user_the_app_does_not_assign_is_not_assigned() {
-        let (code, out, _) =
-            ask(&[&WIKI[..], &["--user", "mallory", "--ip", "203.0.113.9"]].concat())
-                .unwrap_or_else(|e| panic!("{e}"));
+        let (code, out, _) = ask(&on_wiki(&["--user", "mallory"], "203.0.113.9", &[]))
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(code, ExitCode::from(NOT_ALLOWED_EXIT_CODE));
         assert!(out.contains("Decision:  notAssigned\n"), "{out}");
         assert!(
@@ -1009,18 +921,11 @@ spec:
             "{out}"
         );
 
-        let (_, out, _) = ask(&[
-            &WIKI[..],
-            &[
-                "--user",
-                "mallory",
-                "--ip",
-                "203.0.113.9",
-                "-o",
-                "json-line",
-            ],
-        ]
-        .concat())
+        let (_, out, _) = ask(&on_wiki(
+            &["--user", "mallory"],
+            "203.0.113.9",
+            &["-o", "json-line"],
+        ))
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(out.lines().count(), 1, "{out}");
         assert!(out.contains("\"decision\":\"notAssigned\""), "{out}");
@@ -1055,7 +960,8 @@ spec:
     fn manifests_are_read_from_files_and_directories() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         // Objects without a namespace land in the app's.
-        let without_namespace = MANIFESTS.replace(", namespace: team-a", "");
+        let without_namespace =
+            format!("{GROUP_DC}---{MANIFESTS}").replace(", namespace: team-a", "");
         std::fs::write(dir.path().join("objects.yaml"), without_namespace)
             .unwrap_or_else(|e| panic!("{e}"));
         let read = sources::from_files(&[dir.path().to_owned()], "team-b")

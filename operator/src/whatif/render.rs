@@ -85,10 +85,21 @@ pub fn text(answer: &Answer<'_>, sign_in: &SignInContext<'_>, event: &SignInEven
         );
         return text;
     }
+    // The log leaves out the words for a policy that did not apply; say why here.
+    let why: Vec<String> = event
+        .policies
+        .iter()
+        .map(|p| match (&p.detail, p.not_applied) {
+            (Some(detail), _) => detail.clone(),
+            (None, Some(reason)) => format!("not applied: {reason}"),
+            (None, None) => String::new(),
+        })
+        .collect();
     let rows: Vec<[&str; 4]> = event
         .policies
         .iter()
-        .map(|p| [p.id, p.state, p.result, p.detail.as_str()])
+        .zip(&why)
+        .map(|(p, why)| [p.id, p.state, p.result, why.as_str()])
         .collect();
     let header = ["POLICY", "STATE", "RESULT", "WHY"];
     let width = |column: usize| {
