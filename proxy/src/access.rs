@@ -47,8 +47,24 @@ pub const DECISION_TTL: Duration = Duration::from_secs(30);
 /// same (time windows, sign-in frequency): the proxy re-announces its router this often.
 pub const STREAM_RECHECK: Duration = Duration::from_secs(30);
 
-/// The most decisions kept.
-const DECISION_CACHE_CAPACITY: usize = 100_000;
+/// About how many decisions are kept.
+const DECISION_CACHE_ITEMS: usize = 100_000;
+
+/// The most policy results the kept decisions hold together (each is a few dozen bytes):
+/// with thousands of policies per app, fewer decisions are kept rather than more memory
+/// used.
+const DECISION_CACHE_WEIGHT: u64 = 1_000_000;
+
+/// Weighs a kept decision by its policy results, so the cache's memory stays bounded
+/// whatever the number of policies per app.
+#[derive(Debug, Clone, Copy)]
+struct DecisionWeight;
+
+impl quick_cache::Weighter<DecisionKey, CachedDecision> for DecisionWeight {
+    fn weight(&self, _key: &DecisionKey, cached: &CachedDecision) -> u64 {
+        1 + u64::try_from(cached.decision.policies.len()).unwrap_or(u64::MAX / 2)
+    }
+}
 
 /// The fleet-wide settings of conditional access.
 #[derive(Debug, Clone, Default)]
@@ -169,7 +185,7 @@ struct CachedDecision {
 /// Decides requests, caching decisions, and writes the sign-in log.
 pub struct AccessControl {
     settings: AccessSettings,
-    cache: quick_cache::sync::Cache<DecisionKey, CachedDecision>,
+    cache: quick_cache::sync::Cache<DecisionKey, CachedDecision, DecisionWeight>,
     log: SignInLog,
 }
 
@@ -187,7 +203,11 @@ impl AccessControl {
     pub fn new(settings: AccessSettings) -> Self {
         Self {
             settings,
-            cache: quick_cache::sync::Cache::new(DECISION_CACHE_CAPACITY),
+            cache: quick_cache::sync::Cache::with_weighter(
+                DECISION_CACHE_ITEMS,
+                DECISION_CACHE_WEIGHT,
+                DecisionWeight,
+            ),
             log: SignInLog::Stdout,
         }
     }
