@@ -397,6 +397,28 @@ async fn whatif_answers_as_the_fleet_configuration_decides() -> TestResult {
     )
     .await?;
 
+    // The app the invalid policy applies to says why it is not served.
+    eventually(
+        "legacy reporting its invalid policy",
+        REACTION_TIMEOUT,
+        async || {
+            let seen = apps.get("legacy").await?;
+            Ok(seen
+                .status
+                .and_then(|s| {
+                    s.conditions.into_iter().find(|c| {
+                        c.type_ == "ResolvedRefs"
+                            && c.status == "False"
+                            && c.reason == "PolicyInvalid"
+                            && c.message.contains("office-hours")
+                            && c.message.contains("Mars/Olympus")
+                    })
+                })
+                .map(|_| ()))
+        },
+    )
+    .await?;
+
     let wiki = format!("{namespace}/wiki");
     let baseline = format!("{operator_namespace}/baseline");
     let wiki_policies = [

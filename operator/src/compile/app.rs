@@ -90,6 +90,8 @@ pub(super) fn compile_app(
         backend_ca,
         default_oidc_provider: inputs.defaults.oidc.is_some(),
         missing_policies: applied.missing.clone(),
+        // Reported below as PolicyInvalid, from the compiled policies.
+        invalid_policies: Vec::new(),
         route_holder: route_holder(app, same_route.iter().copied()),
     };
     let assessment = assess(app, &references);

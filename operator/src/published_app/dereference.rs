@@ -12,6 +12,7 @@ use sallyport_api::{ConditionalAccessPolicy, ConnectorGroup, PublishedApp};
 use super::backend_ca::{self, BackendCaLookup};
 use super::routes::route_holder;
 use super::validate::{ClientSecretLookup, GroupLookup, References, TlsLookup};
+use crate::compile::check_policy;
 use crate::context::Context;
 use crate::error::Error;
 use crate::external_url::ExternalUrl;
@@ -117,6 +118,7 @@ pub async fn dereference(
         );
     }
     let applied = applied_policies(app, &policies, &ctx.config.operator_namespace);
+    let invalid_policies = invalid_policies(&applied, &policies, &namespace);
 
     let apps = ctx.apps.state();
     let references = References {
@@ -126,9 +128,34 @@ pub async fn dereference(
         backend_ca,
         default_oidc_provider: ctx.config.default_oidc_provider,
         missing_policies: applied.missing.clone(),
+        invalid_policies,
         route_holder: route_holder(app, apps.iter().map(|a| a.as_ref())),
     };
     Ok((references, applied))
+}
+
+/// Why each of the `applied` policies (names of `namespace`, or `namespace/name` for
+/// baselines) that the conditional access engine cannot evaluate is refused: the compile
+/// step leaves the app out while one of them applies.
+fn invalid_policies(
+    applied: &AppliedPolicies,
+    policies: &[ConditionalAccessPolicy],
+    namespace: &str,
+) -> Vec<String> {
+    applied
+        .applied
+        .iter()
+        .filter_map(|name| {
+            let (policy_namespace, policy_name) = name.split_once('/').unwrap_or((namespace, name));
+            let policy = policies.iter().find(|p| {
+                p.namespace().as_deref() == Some(policy_namespace) && p.name_any() == policy_name
+            })?;
+            let id = format!("{policy_namespace}/{policy_name}");
+            check_policy(policy, &id)
+                .err()
+                .map(|message| format!("ConditionalAccessPolicy {id}: {message}"))
+        })
+        .collect()
 }
 
 async fn tls_lookup(

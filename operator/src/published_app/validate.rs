@@ -89,6 +89,8 @@ pub struct References {
     pub default_oidc_provider: bool,
     /// Policies the app names that do not exist.
     pub missing_policies: Vec<String>,
+    /// Why policies that apply to the app cannot be evaluated, one message each.
+    pub invalid_policies: Vec<String>,
     /// `namespace/name` of an older app that already holds this app's route.
     pub route_holder: Option<String>,
 }
@@ -216,6 +218,15 @@ pub fn assess(app: &PublishedApp, references: &References) -> Assessment {
             ),
         ));
     }
+    if !references.invalid_policies.is_empty() {
+        problems.push((
+            "PolicyInvalid",
+            format!(
+                "{}; the app is not served until the policy is fixed",
+                references.invalid_policies.join("; ")
+            ),
+        ));
+    }
     let resolved = match problems.first() {
         None => Verdict::ok(RESOLVED_REFS, "ResolvedRefs", "all references resolved"),
         Some((reason, _)) => Verdict::failed(
@@ -290,6 +301,7 @@ mod tests {
             backend_ca: BackendCaLookup::NotNeeded,
             default_oidc_provider: true,
             missing_policies: vec![],
+            invalid_policies: vec![],
             route_holder: None,
         }
     }
@@ -400,6 +412,24 @@ mod tests {
                 resolved_refs.message
             );
         }
+    }
+
+    #[test]
+    fn a_policy_the_engine_cannot_evaluate_is_an_unresolved_reference() {
+        let mut references = resolved(group("{from: All}", 1));
+        references.invalid_policies = vec![
+            "ConditionalAccessPolicy team-a/hours: spec.conditions.times[0].timeZone: \"Mars/Olympus\" is not a known IANA time zone".into(),
+        ];
+        let assessment = assess(&app(""), &references);
+        let resolved_refs = &assessment.verdicts[1];
+        assert_eq!(resolved_refs.reason, "PolicyInvalid");
+        assert!(
+            resolved_refs.message.contains("team-a/hours")
+                && resolved_refs.message.contains("timeZone")
+                && resolved_refs.message.contains("not served"),
+            "{}",
+            resolved_refs.message
+        );
     }
 
     #[test]
