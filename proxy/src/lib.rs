@@ -13,6 +13,7 @@ pub mod forward;
 pub mod identity_keys;
 pub mod issuer;
 pub mod pages;
+pub mod rate_limit;
 pub mod registry;
 pub mod replicas;
 pub mod router;

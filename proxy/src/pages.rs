@@ -84,6 +84,27 @@ pub fn no_tunnel(
     response
 }
 
+/// 429: the app's rate limit is exhausted; `Retry-After` says when a request fits again.
+pub fn too_many_requests(
+    accept: Option<&HeaderValue>,
+    app: &str,
+    wait: std::time::Duration,
+    request_id: &str,
+) -> Response<TunnelBody> {
+    let detail = format!(
+        "The application {app} receives more requests than it accepts right now. Please try again in a moment."
+    );
+    let mut response = error_response(
+        accept,
+        StatusCode::TOO_MANY_REQUESTS,
+        "Too many requests",
+        &detail,
+        request_id,
+    );
+    set_retry_after(&mut response, crate::rate_limit::retry_after_secs(wait));
+    response
+}
+
 /// 504: the application did not answer in time.
 pub fn gateway_timeout(accept: Option<&HeaderValue>, request_id: &str) -> Response<TunnelBody> {
     error_response(

@@ -42,6 +42,7 @@ use sallyport_policy::{AppPolicies, MfaSettings, PolicySet};
 use tracing::error;
 
 use crate::forward::{ForwardRoute, InternalUrl, PreparedRoute};
+use crate::rate_limit::AppRateLimiter;
 
 /// The longest host name a [`HostKey`] holds: DNS names are at most 253 characters.
 pub const MAX_HOST_LEN: usize = 253;
@@ -126,17 +127,26 @@ pub struct AppRoute {
     route: Route,
     prepared: PreparedRoute,
     policies: Option<Arc<AppPolicies>>,
+    rate_limiter: Arc<AppRateLimiter>,
 }
 
 impl AppRoute {
-    /// `route`, prepared for forwarding, without conditional access (passthrough).
+    /// `route`, prepared for forwarding, without conditional access (passthrough), with
+    /// a fresh bucket for its whole rate limit.
     pub fn new(route: Route) -> Self {
         let prepared = PreparedRoute::new(&route);
+        let rate_limiter = Arc::new(AppRateLimiter::new(&route.rate_limit, 1));
         Self {
             route,
             prepared,
             policies: None,
+            rate_limiter,
         }
+    }
+
+    /// The app's request rate limit on this replica.
+    pub fn rate_limiter(&self) -> &AppRateLimiter {
+        &self.rate_limiter
     }
 
     /// The app's assignment and conditional access policies; `None` for a passthrough
@@ -237,13 +247,20 @@ impl Router {
     /// wins. Hosts are normalised as [`HostKey`] does; a prefix is read as if it started
     /// and ended with `/`. Routes whose host cannot be normalised are never matched.
     pub fn new(config: Arc<FleetConfig>) -> Self {
-        Self::with_access(config, MfaSettings::default())
+        Self::build(config, MfaSettings::default(), 1, None)
     }
 
     /// Like [`Router::new`], compiling the configuration's ConditionalAccessPolicies
-    /// with `mfa` for the OIDC routes. A policy that fails to compile blocks the users it
+    /// with `mfa` for the OIDC routes, and sharing each app's rate limit among
+    /// `replicas`: a route keeps its bucket from `previous` while its limit and the
+    /// replica count stay the same. A policy that fails to compile blocks the users it
     /// names (the engine fails closed); the failure is logged.
-    pub fn with_access(config: Arc<FleetConfig>, mfa: MfaSettings) -> Self {
+    pub fn build(
+        config: Arc<FleetConfig>,
+        mfa: MfaSettings,
+        replicas: usize,
+        previous: Option<&Router>,
+    ) -> Self {
         let (policy_set, errors) = PolicySet::compile(&config.policies, mfa);
         for error in errors {
             error!(policy = error.policy(), %error, "ConditionalAccessPolicy cannot be evaluated; it blocks the users it names until fixed");
@@ -274,7 +291,16 @@ impl Router {
             .iter()
             .cloned()
             .map(|route| {
+                let kept = previous
+                    .and_then(|router| router.by_app.get(route.app.as_str()))
+                    .and_then(|index| previous?.routes.get(*index))
+                    .map(|old| &old.rate_limiter)
+                    .filter(|bucket| bucket.enforces(&route.rate_limit, replicas))
+                    .cloned();
                 let mut prepared = AppRoute::new(route);
+                prepared.rate_limiter = kept.unwrap_or_else(|| {
+                    Arc::new(AppRateLimiter::new(&prepared.rate_limit, replicas))
+                });
                 if prepared.pre_authentication.kind != PreAuthenticationType::Passthrough {
                     prepared.policies = Some(Arc::new(policy_set.app(
                         &prepared.app,

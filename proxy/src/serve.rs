@@ -35,6 +35,7 @@ use rustls::server::{Acceptor, ResolvesServerCert};
 use rustls_pki_types::CertificateDer;
 use sallyport_api::fleet_config::{FleetConfig, Route};
 use sallyport_api::published_app::PreAuthenticationType;
+use sallyport_policy::MfaSettings;
 use sallyport_tunnel::ConnectorIdentity;
 use sallyport_tunnel::body::{self, TunnelBody};
 use sallyport_tunnel::pool::{PoolError, TunnelPool};
@@ -184,7 +185,13 @@ impl Proxy {
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(StoreResolver(parts.certificates.clone())));
         user_tls.alpn_protocols = API_ALPN.iter().map(|p| p.to_vec()).collect();
-        let router = Arc::new(Router::new(parts.config.load_full()));
+        let replicas = parts.replicas.borrow().len().max(1);
+        let router = Arc::new(Router::build(
+            parts.config.load_full(),
+            MfaSettings::default(),
+            replicas,
+            None,
+        ));
         let (routers, _) = watch::channel(Arc::clone(&router));
         Ok(Arc::new(Self {
             replica: parts.replica,
@@ -222,7 +229,9 @@ impl Proxy {
             .as_ref()
             .map(|auth| auth.access().settings().mfa.clone())
             .unwrap_or_default();
-        let router = Arc::new(Router::with_access(config, mfa));
+        let replicas = self.replicas.borrow().len().max(1);
+        let previous = self.router.load_full();
+        let router = Arc::new(Router::build(config, mfa, replicas, Some(&previous)));
         self.router.store(Arc::clone(&router));
         self.routers.send_replace(router);
     }
@@ -366,14 +375,24 @@ impl Proxy {
         });
         // Open streams are decided again on every new router and, through this one
         // timer for all of them, every STREAM_RECHECK (time windows, sign-in frequency).
+        // A change of the replica set changes each replica's share of the apps' rate
+        // limits: the router is rebuilt for it.
         let rechecks = {
-            let routers = self.routers.clone();
+            let proxy = Arc::clone(&self);
+            let mut replicas = self.replicas.clone();
             tokio::spawn(async move {
                 let mut ticks = tokio::time::interval(STREAM_RECHECK);
                 ticks.tick().await;
                 loop {
-                    ticks.tick().await;
-                    routers.send_modify(|_| {});
+                    tokio::select! {
+                        _ = ticks.tick() => proxy.routers.send_modify(|_| {}),
+                        changed = replicas.changed() => {
+                            if changed.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                            proxy.store_router(proxy.config.load_full());
+                        }
+                    }
                 }
             })
         };
@@ -667,6 +686,10 @@ impl Proxy {
         }
         if route.maintenance_mode {
             return pages::maintenance(accept, &route.app, &request_id);
+        }
+        if let Err(wait) = route.rate_limiter().check() {
+            debug!(app = %route.app, %request_id, client = %client.client_ip, "over the app's rate limit");
+            return pages::too_many_requests(accept, &route.app, wait, &request_id);
         }
         let mut request = request;
         let mut guard = None;
