@@ -106,7 +106,7 @@ bench-policy: ## Conditional access: per-request cost of 1, 100 and 1,000 polici
 	$(CARGO_TARGET_DIR)/release/sallyport-bench policy $(BENCH_POLICY_ARGS)
 
 .PHONY: demo
-demo: ## Local demo: a control plane, the operator, a proxy and a connector serving an app through a tunnel
+demo: ## Local demo: a control plane, the operator, a proxy, a connector and an OpenID provider; an app with sign-in and MFA, and a passthrough app
 	hack/demo.sh up
 
 .PHONY: demo-down
