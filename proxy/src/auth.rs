@@ -471,15 +471,8 @@ impl Authenticator {
         port: u16,
         return_to: Option<String>,
     ) -> Response<TunnelBody> {
-        let return_to = return_to
-            .as_deref()
-            .and_then(safe_return_path)
-            .unwrap_or_else(|| "/".to_owned());
-        let path = return_to
-            .split(['?', '#'])
-            .next()
-            .filter(|p| !p.is_empty())
-            .unwrap_or("/");
+        let return_to = return_target(return_to);
+        let path = target_path(&return_to);
         let Some(matched) = router
             .lookup(&visit.origin.host, port, path)
             .filter(|m| m.route.pre_authentication.oidc.is_some())
@@ -859,12 +852,8 @@ impl Authenticator {
         port: u16,
         return_to: Option<String>,
     ) -> Response<TunnelBody> {
-        let path = return_to
-            .as_deref()
-            .and_then(safe_return_path)
-            .unwrap_or_else(|| "/".to_owned());
-        let path = path.split(['?', '#']).next().unwrap_or("/").to_owned();
-        let route = router.find(&origin.host, port, &path);
+        let return_to = return_target(return_to);
+        let route = router.find(&origin.host, port, target_path(&return_to));
         let signed_out = origin.url(SIGNED_OUT_PATH);
         let mut location = signed_out.clone();
         if let Some(oidc) = route.and_then(|r| r.pre_authentication.oidc.as_ref())
@@ -1051,6 +1040,24 @@ fn claim_text(session: &Session, claim: &str) -> Option<String> {
         "iss" => Some(session.issuer.clone()),
         other => session.claim_value(other),
     }
+}
+
+/// The `return` parameter of sign-in and sign-out if it is a safe same-origin path,
+/// else `/`.
+fn return_target(return_to: Option<String>) -> String {
+    return_to
+        .as_deref()
+        .and_then(safe_return_path)
+        .unwrap_or_else(|| "/".to_owned())
+}
+
+/// The path of a return target, without query and fragment, which picks its route.
+fn target_path(target: &str) -> &str {
+    target
+        .split(['?', '#'])
+        .next()
+        .filter(|p| !p.is_empty())
+        .unwrap_or("/")
 }
 
 /// What a request to one of Sallyport's own paths carries that sign-in needs.
