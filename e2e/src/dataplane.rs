@@ -786,7 +786,9 @@ impl Fleet {
 
     /// Publishes a passthrough app `name` at `https://{host}/` served from `internal_url`
     /// through `group`, with a fresh self-signed certificate (Secret `{name}-tls`); returns
-    /// that certificate, the CA a user trusts.
+    /// that certificate, the CA a user trusts. The app's rate limit is raised far above
+    /// any test's load: these tests measure the data path, and the default limit (500/s,
+    /// shared by the replicas) would answer their load loops with 429.
     pub async fn publish_app(
         &self,
         name: &str,
@@ -815,7 +817,8 @@ impl Fleet {
                     "internalUrl": internal_url,
                     "preAuthentication": {"type": "Passthrough"},
                     "connectorGroup": {"name": group},
-                    "tls": {"secretName": format!("{name}-tls")}
+                    "tls": {"secretName": format!("{name}-tls")},
+                    "rateLimit": {"requestsPerSecond": 1_000_000, "burst": 10_000_000}
                 }
             }),
         )
