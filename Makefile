@@ -100,6 +100,10 @@ bench-dataplane: bench-build ## S1, S3: direct vs proxy + connector, A B A B; op
 	bash bench/install-tools.sh >/dev/null
 	$(CARGO_TARGET_DIR)/release/sallyport-bench dataplane --oha "$$(bash bench/install-tools.sh)" $(BENCH_DATAPLANE_ARGS)
 
+.PHONY: bench-flood
+bench-flood: bench-build ## Flood: legitimate users from 127.0.0.1 next to a flood from 127.0.0.2..; options in BENCH_FLOOD_ARGS="--duration 20"
+	$(CARGO_TARGET_DIR)/release/sallyport-bench flood $(BENCH_FLOOD_ARGS)
+
 .PHONY: bench-policy
 bench-policy: ## Conditional access: per-request cost of 1, 100 and 1,000 policies, in process; options in BENCH_POLICY_ARGS="--rounds 15"
 	$(CARGO) build --release -p sallyport-bench --bin sallyport-bench

@@ -4,6 +4,8 @@
 #   chromium      a real browser, headless (Debian's chromium)
 #   chromedriver  drives it over WebDriver (Debian's chromium-driver, same version)
 #   certutil      puts the tests' CA into the browser's NSS database (libnss3-tools)
+#   redis-server  the risk state shared by proxy replicas (Debian's redis-server; tests
+#                 start their own on a free port, never the system service)
 # and checks that Node.js (20.19 or newer) and npm are there for the OpenID provider
 # (e2e/oidc-provider). Needs root to install (CI runs as root); prints what it does.
 # Safe to run again: with everything present it only checks.
@@ -14,6 +16,7 @@ command -v nginx >/dev/null || missing+=(nginx-light)
 [[ -x /usr/bin/chromium ]] || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
 command -v certutil >/dev/null || missing+=(libnss3-tools)
+command -v redis-server >/dev/null || missing+=(redis-server)
 
 if ((${#missing[@]} > 0)); then
   if [[ $(id -u) -ne 0 ]]; then
@@ -27,6 +30,10 @@ if ((${#missing[@]} > 0)); then
   # The package may start a system nginx on port 80; the tests run their own.
   if [[ " ${missing[*]} " == *" nginx-light "* ]] && command -v service >/dev/null; then
     service nginx stop >/dev/null 2>&1 || true
+  fi
+  # Likewise the system Redis: the tests run their own, without persistence.
+  if [[ " ${missing[*]} " == *" redis-server "* ]] && command -v service >/dev/null; then
+    service redis-server stop >/dev/null 2>&1 || true
   fi
   echo "installed: ${missing[*]}"
 fi
@@ -45,4 +52,4 @@ node -e '
     process.exit(1);
   }'
 
-echo "test packages present: nginx $(nginx -v 2>&1 | sed 's|.*/||'), $(/usr/bin/chromium --version 2>/dev/null | head -1), $(chromedriver --version | cut -d' ' -f1-2), certutil, node $(node --version), npm $(npm --version)"
+echo "test packages present: nginx $(nginx -v 2>&1 | sed 's|.*/||'), $(/usr/bin/chromium --version 2>/dev/null | head -1), $(chromedriver --version | cut -d' ' -f1-2), certutil, $(redis-server --version | cut -d' ' -f1-3), node $(node --version), npm $(npm --version)"

@@ -377,8 +377,14 @@ pub struct Route {
     #[serde(default)]
     pub maintenance_mode: bool,
 
-    /// The fleet-wide request rate limit of the app (the app's own, or the fleet default).
+    /// The fleet-wide request rate limit of the app (the app's own, or the fleet default),
+    /// with its limit per client address, if any.
     pub rate_limit: RateLimit,
+
+    /// The largest request body in bytes the app accepts (`spec.limits`); absent, the
+    /// proxies' `--max-request-body-size` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_body_bytes: Option<u64>,
 }
 
 /// How users of a route are authenticated.
@@ -649,7 +655,9 @@ mod tests {
             rate_limit: RateLimit {
                 requests_per_second: 500,
                 burst: 1000,
+                per_client_ip: None,
             },
+            max_request_body_bytes: None,
         }
     }
 

@@ -135,6 +135,23 @@ pub struct PublishedAppSpec {
     /// with Retry-After. Defaults to the fleet's per-app limit (500 requests/s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+
+    /// Size limits of the requests this app accepts. Defaults to the fleet's limits
+    /// (the proxies' `--max-request-body-size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<RequestLimits>,
+}
+
+/// Size limits of the requests an app accepts.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestLimits {
+    /// The largest request body, in bytes, the app accepts; a larger one is answered
+    /// 413 and only its first bytes (at most this many) reach the app. Overrides the
+    /// proxies' `--max-request-body-size` for this app, up or down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1_099_511_627_776_u64))]
+    pub max_request_body_bytes: Option<u64>,
 }
 
 /// How users are authenticated before a request reaches the app.
@@ -494,6 +511,29 @@ pub struct RateLimit {
 
     /// Requests allowed in a burst above the sustained rate.
     #[serde(default = "default_burst")]
+    #[schemars(range(min = 1, max = 10_000_000))]
+    pub burst: u32,
+
+    /// A limit for each client address on this app, besides the app's whole limit and
+    /// the proxies' limit per client across every app (`--client-requests-per-second`).
+    /// Enforced by each proxy replica on its own (not shared among replicas). A client
+    /// is its address (IPv6: its /64 network), as seen through trusted proxies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_client_ip: Option<ClientRateLimit>,
+}
+
+/// A request rate limit for each client address.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("self.burst >= self.requestsPerSecond")
+    .message("burst must be at least requestsPerSecond")
+    .field_path(".burst"))]
+#[serde(rename_all = "camelCase")]
+pub struct ClientRateLimit {
+    /// Sustained requests per second one client may send.
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub requests_per_second: u32,
+
+    /// Requests one client may send in a burst above the sustained rate.
     #[schemars(range(min = 1, max = 10_000_000))]
     pub burst: u32,
 }

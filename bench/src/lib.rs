@@ -10,6 +10,8 @@
 //! - [`dataplane`]: S1 (small GETs, 50 keep-alive connections) and S3 (1 GiB download and
 //!   upload over one connection, with the memory growth of proxy and connector), straight
 //!   to a backend and through the proxy and connector, side by side;
+//! - [`flood`]: legitimate users next to a request flood from other addresses, with the
+//!   proxy's abuse limits and without;
 //! - [`policy`]: the per-request cost of conditional access, 1 to 1,000 policies per
 //!   app, in process;
 //! - [`operator_process`]: the operator as a real process; [`procfs`]: memory and CPU time
@@ -18,6 +20,7 @@
 
 pub mod dataplane;
 pub mod error;
+pub mod flood;
 pub mod machine;
 pub mod operator_process;
 pub mod policy;
@@ -124,6 +127,23 @@ pub enum Scenario {
     )]
     Policy(policy::PolicyArgs),
 
+    /// Flood: legitimate users from 127.0.0.1 next to a request flood from other loopback
+    /// addresses, through the proxy's abuse limits and without them.
+    #[command(
+        long_about = "Flood: what legitimate users get while other addresses flood the proxy.\n\n\
+        Starts the data-plane benchmark's system (backend, sallyport-proxy standalone, \
+        sallyport-connector) on loopback. --users users on 127.0.0.1 each send a small GET \
+        every 1/--user-rate s on a keep-alive connection; --flood-addresses addresses from \
+        127.0.0.2 on open --flood-connections connections each and send GETs back to back, \
+        ignoring Retry-After and reconnecting when closed. Phases of --duration s: users \
+        alone, users and flood against the proxy's default limits, then users and flood \
+        against a proxy with the per-client rate, in-flight and connection caps off. \
+        Reports the users' served requests per second, success ratio and latency, and the \
+        flood's answers by status and connection failures. Bounded by the phases' durations \
+        and the number of connections."
+    )]
+    Flood(flood::FloodArgs),
+
     /// The data-plane benchmark's backend (started by `dataplane`, not for people).
     #[command(hide = true)]
     DataplaneBackend(dataplane::backend::BackendArgs),
@@ -149,6 +169,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), Error> {
         Scenario::S8(args) => Ok(s8::run(&args)?.write(out)?),
         Scenario::Dataplane(args) => Ok(dataplane::run(&args)?.write(out)?),
         Scenario::Policy(args) => Ok(policy::run(&args)?.write(out)?),
+        Scenario::Flood(args) => Ok(flood::run(&args)?.write(out)?),
         Scenario::DataplaneBackend(args) => Ok(dataplane::backend::serve(&args)?),
     }
 }

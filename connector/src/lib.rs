@@ -3,6 +3,7 @@
 //! It registers once with a bootstrap token (its key pair is made locally; only a CSR leaves the machine), keeps several outbound tunnels open to every proxy replica, pulls its configuration, serves proxied requests to internal apps, renews its certificate before it ages out, and drains cleanly on shutdown.
 
 pub mod backend;
+pub mod metrics;
 pub mod register;
 pub mod run;
 pub mod slice;

@@ -2,6 +2,7 @@
 //! pull the group's configuration, keep tunnels to every proxy replica, renew the
 //! certificate before it ages out, and drain on SIGTERM.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::backend::Backends;
+use crate::metrics::{self, ConnectorMetrics, MetricsError};
 use crate::register::{self, FleetEndpoint, RegisterError};
 use crate::slice::{CurrentSlice, SliceError};
 use crate::state::{ConnectorState, StateArgs, StateError, StateStore};
@@ -100,6 +102,13 @@ pub struct RunArgs {
     /// roots.
     #[arg(long, env = "SALLYPORT_BACKEND_CA_FILE")]
     pub backend_ca_file: Option<PathBuf>,
+
+    /// Where to serve Prometheus metrics (`/metrics`) and `/livez`, as ADDRESS:PORT, e.g.
+    /// `127.0.0.1:9090` (only this host) or `0.0.0.0:9090` (for a Prometheus in the
+    /// cluster). Unset (the default): not served. Plain HTTP without authentication: keep
+    /// it off networks the connector does not trust.
+    #[arg(long, env = "SALLYPORT_METRICS_ADDRESS")]
+    pub metrics_address: Option<SocketAddr>,
 }
 
 /// The connector could not run.
@@ -165,6 +174,9 @@ pub enum RunError {
     /// The async runtime could not start.
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    /// The metrics could not be set up or served.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 impl FleetArgs {
@@ -286,8 +298,25 @@ pub async fn register_only(args: FleetArgs) -> Result<ConnectorState, RunError> 
 pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let shutdown = CancellationToken::new();
     sallyport_service::cancel_on_signals(shutdown.clone());
+    // Metrics are served from the start (registration may take a while) until the
+    // connector has drained.
+    let metrics = ConnectorMetrics::new()?;
+    let metrics_stopped = CancellationToken::new();
+    let _stop_metrics = metrics_stopped.clone().drop_guard();
+    if let Some(address) = args.metrics_address {
+        let listener = metrics::bind(address).await?;
+        tokio::spawn(metrics::serve(
+            listener,
+            metrics.clone(),
+            metrics_stopped.clone(),
+        ));
+    }
     let store = StateStore::open(&args.fleet.state, &shutdown).await?;
     let state = args.fleet.state(&store).await?;
+    metrics.set_certificate(
+        state.not_after.unix_timestamp(),
+        state.renew_at.unix_timestamp(),
+    );
     let endpoint = args.fleet.endpoint(Some(&state.ca_pem))?;
     let credentials = Arc::new(ArcSwap::from_pointee(state.credentials()?));
 
@@ -317,11 +346,16 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         settings,
         credentials.clone(),
         endpoint.ca.clone(),
-        backends.handler(),
+        metrics.handler(backends),
         state.load().connector_id.clone(),
         version_rx,
     );
     let notices = dialer.notices();
+    tokio::spawn(metrics::follow_tunnels(
+        metrics.clone(),
+        dialer.status_updates(),
+        metrics_stopped.clone(),
+    ));
 
     let config_loop = follow_config(
         endpoint.clone(),
@@ -336,6 +370,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         state,
         credentials,
         store.clone(),
+        metrics,
         shutdown.clone(),
     );
     let (dialed, (), ()) = tokio::join!(dialer.run(shutdown.clone()), config_loop, renew_loop);
@@ -413,6 +448,7 @@ async fn renew_certificate(
     state: Arc<ArcSwap<ConnectorState>>,
     credentials: Arc<ArcSwap<Credentials>>,
     store: StateStore,
+    metrics: ConnectorMetrics,
     shutdown: CancellationToken,
 ) {
     let mut retry = Duration::from_secs(1);
@@ -435,6 +471,10 @@ async fn renew_certificate(
             Ok((renewed, new_credentials)) => {
                 info!(connector = %renewed.connector_id, not_after = %renewed.not_after, renew_at = %renewed.renew_at, "certificate renewed; new tunnels use it");
                 credentials.store(Arc::new(new_credentials));
+                metrics.set_certificate(
+                    renewed.not_after.unix_timestamp(),
+                    renewed.renew_at.unix_timestamp(),
+                );
                 state.store(Arc::new(renewed));
                 retry = Duration::from_secs(1);
             }

@@ -275,6 +275,11 @@ impl SignInLog {
         }
     }
 
+    /// The file: the proxy's whole standard output (its audit events too).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Every complete sign-in log line written so far, oldest first.
     pub fn events(&self) -> Vec<Value> {
         let text = std::fs::read_to_string(&self.path).unwrap_or_default();

@@ -405,6 +405,10 @@ pub fn start_proxy_with(
         ("KUBECONFIG", kubeconfig.as_str()),
         ("POD_NAME", replica),
         ("RUST_LOG", "info,kube=warn,sallyport_proxy::auth=debug"),
+        // Every simulated user connects from 127.0.0.1: no limit per client address
+        // (tests of the limits pass the flags, which take precedence).
+        ("SALLYPORT_CLIENT_REQUESTS_PER_SECOND", "0"),
+        ("SALLYPORT_MAX_CONNECTIONS_PER_CLIENT", "0"),
     ];
     let Some(stdout_file) = &options.stdout_file else {
         return Ok(OwnedProcess::start("sallyport-proxy", &args, &envs)?);

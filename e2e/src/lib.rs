@@ -10,6 +10,8 @@
 //! - [`oidc`]: a real OpenID provider (panva's oidc-provider on Node.js) with scripted
 //!   users, clients, key rotation and token lifetimes.
 //! - [`process`]: Sallyport's own binaries run as real processes, killed when dropped.
+//! - [`risk`]: sign-ins over HTTP from a chosen loopback address (through the provider's
+//!   login form), failed sign-ins, and a private `redis-server`, for the risk tests.
 //! - [`test_ca`]: a throwaway CA issuing the test servers' certificates.
 //! - [`testbed`]: the common start of every operator e2e test.
 //! - [`supervisor`]: the `sallyport-cluster` command that runs a control plane as its children
@@ -26,6 +28,7 @@ pub mod identity;
 pub mod manifests;
 pub mod oidc;
 pub mod process;
+pub mod risk;
 pub mod sign_in;
 pub mod supervisor;
 pub mod test_ca;

@@ -342,6 +342,19 @@ async fn expire_if_inactive(
     Api::<Connector>::namespaced(ctx.client.clone(), &namespace)
         .delete(&name, &DeleteParams::default())
         .await?;
+    sallyport_events::audit(
+        sallyport_events::AuditEvent::new(
+            "connector.deleted",
+            sallyport_events::ObjectRef::namespaced("Connector", &namespace, &name),
+            sallyport_events::Outcome::Success,
+        )
+        .reason("ConnectorExpired")
+        .message(format!(
+            "removed Connector {namespace}/{name}: unseen for more than its group's inactiveConnectorTTL"
+        ))
+        .detail("group", &connector.spec.connector_group)
+        .detail("inactiveConnectorTTLSeconds", ttl.as_secs()),
+    );
     if let Some(group) = group {
         let event = Event {
             type_: EventType::Normal,
@@ -399,6 +412,26 @@ async fn revoke(connector: &Connector, ctx: &Context) -> Result<Action, Error> {
     )
     .await?;
     info!(namespace = %revocation.namespace, name = %revocation.name, serial = ?revocation.serial, "connector revoked");
+    sallyport_events::audit(
+        sallyport_events::AuditEvent::new(
+            "connector.revoked",
+            sallyport_events::ObjectRef::namespaced(
+                "Connector",
+                &revocation.namespace,
+                &revocation.name,
+            ),
+            sallyport_events::Outcome::Success,
+        )
+        .reason("ConnectorDeleted")
+        .message(format!(
+            "Connector {}/{} was deleted: its certificate is revoked and its tunnels are closed",
+            revocation.namespace, revocation.name
+        ))
+        .detail("group", &connector.spec.connector_group)
+        .detail("serial", &revocation.serial)
+        .detail("notAfter", revocation.not_after)
+        .detail("revocations", REVOCATIONS),
+    );
     Ok(Action::await_change())
 }
 

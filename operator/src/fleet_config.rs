@@ -205,6 +205,27 @@ pub async fn publish(
         bytes = bytes.len(),
         "fleet configuration published"
     );
+    sallyport_events::audit(
+        sallyport_events::AuditEvent::new(
+            "configuration.published",
+            sallyport_events::ObjectRef::namespaced("ConfigMap", operator_namespace, CONFIG_MAP),
+            sallyport_events::Outcome::Success,
+        )
+        .message(format!(
+            "fleet configuration {version} published for the proxies"
+        ))
+        .detail("version", &version)
+        .detail("previousVersion", stored_version)
+        .detail("routes", compiled.config.routes.len())
+        .detail("policies", compiled.config.policies.len())
+        .detail("connectorGroups", compiled.config.connector_groups.len())
+        .detail(
+            "revokedConnectors",
+            compiled.config.revoked_connectors.len(),
+        )
+        .detail("skipped", compiled.skipped.len())
+        .detail("bytes", bytes.len()),
+    );
     for skipped in &compiled.skipped {
         debug!(kind = skipped.kind, id = %skipped.id, reason = %skipped.reason, message = %skipped.message, "left out of the fleet configuration");
     }

@@ -188,6 +188,10 @@ pub struct RunArgs {
     #[arg(long, env = "SALLYPORT_TUNNEL_STALE_AFTER", default_value = "60s", value_parser = sallyport_service::parse_duration)]
     pub tunnel_stale_after: std::time::Duration,
 
+    /// Delivery of audit events to a SIEM (see docs/siem.md); boxed, as it is large.
+    #[command(flatten)]
+    pub events: Box<sallyport_events::EventArgs>,
+
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "SALLYPORT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -320,6 +324,9 @@ pub enum OperatorError {
     /// The controllers could not run.
     #[error(transparent)]
     Run(#[from] run::RunError),
+    /// The event sinks' flags are unusable.
+    #[error(transparent)]
+    Events(#[from] sallyport_events::PipelineError),
     /// The async runtime could not start.
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
@@ -350,7 +357,18 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<ExitCode, OperatorError> {
                 .enable_all()
                 .build()
                 .map_err(OperatorError::Runtime)?;
-            runtime.block_on(run::run(args.config(), args.availability()))?;
+            runtime.block_on(async {
+                // Audit events: standard output and the SIEM sinks (docs/siem.md),
+                // flushed once the controllers stopped.
+                let events = sallyport_events::Events::start(
+                    &args.events,
+                    sallyport_events::Actor::new("sallyport-operator", &leader::default_identity()),
+                )?;
+                events.install();
+                let outcome = run::run(args.config(), args.availability()).await;
+                events.close().await;
+                outcome.map_err(OperatorError::from)
+            })?;
         }
         Some(Command::Rbac { namespace }) => {
             for object in rbac::objects(&namespace).map_err(OperatorError::Json)? {

@@ -7,32 +7,37 @@
 //! | `sallyport_operator_reconcile_failures_total` | counter | `controller`, `error` ([`Error::metric_label`](crate::error::Error::metric_label)) |
 //! | `sallyport_operator_reconcile_duration_seconds` | histogram | `controller` |
 //! | `sallyport_operator_leader` | gauge | 1 while this replica holds the leader Lease |
+//! | `sallyport_operator_connector_group_connected_connectors` | gauge | `namespace`, `group` |
+//! | `sallyport_operator_connector_group_desired_connectors` | gauge | `namespace`, `group` |
+//! | `sallyport_operator_published_app_ready` | gauge | `namespace`, `app` |
+//! | `sallyport_operator_certificate_expiry_timestamp_seconds` | gauge | `secret` |
 //!
 //! `controller` is the kind a controller reconciles (`PublishedApp`, `ConnectorGroup`, ...).
+//!
+//! The ConnectorGroup and PublishedApp gauges are read at each scrape from the
+//! controllers' caches ([`Metrics::follow_objects`]), so they are those of the leader
+//! (other replicas have no caches and no such series), follow each status as the
+//! controllers write it, and a deleted object's series goes with it. The certificate
+//! expiry gauges are set by the PKI loop ([`Metrics::record_pki_expiry`]).
 
+use std::sync::{Arc, OnceLock};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::runtime::reflector::Store;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramTimer, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    HistogramOpts, HistogramTimer, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
+use sallyport_api::{ConnectorGroup, PublishedApp};
+use sallyport_service::metrics::register;
+use tracing::debug;
 
 /// Upper bounds of the reconcile duration buckets, in seconds.
 const DURATION_BUCKETS: [f64; 10] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 15.0];
 
-/// The metrics could not be set up or encoded.
-#[derive(Debug, thiserror::Error)]
-pub enum MetricsError {
-    /// A metric could not be created or registered (a bad name or a duplicate).
-    #[error("cannot register metric {metric}: {source}")]
-    Register {
-        /// The metric's name.
-        metric: &'static str,
-        /// The Prometheus client's error.
-        source: prometheus::Error,
-    },
-    /// Encoding the metrics as Prometheus text failed.
-    #[error("cannot encode the metrics as Prometheus text: {0}")]
-    Encode(#[source] prometheus::Error),
-}
+pub use sallyport_service::metrics::MetricsError;
 
 /// The operator's metrics, in a registry of their own. Cheap to clone: every clone updates
 /// the same metrics.
@@ -43,6 +48,18 @@ pub struct Metrics {
     failures: IntCounterVec,
     duration: HistogramVec,
     leader: IntGauge,
+    connected: IntGaugeVec,
+    desired: IntGaugeVec,
+    app_ready: IntGaugeVec,
+    certificate_expiry: IntGaugeVec,
+    objects: Arc<OnceLock<ObjectCaches>>,
+}
+
+/// The controllers' caches the object gauges are read from.
+#[derive(Debug, Clone)]
+struct ObjectCaches {
+    groups: Store<ConnectorGroup>,
+    apps: Store<PublishedApp>,
 }
 
 /// Times one reconcile: the duration is recorded when it is dropped.
@@ -89,13 +106,119 @@ impl Metrics {
                 "1 while this replica holds the leader Lease and runs the controllers, else 0.",
             )
         })?;
+        let gauge = |name: &'static str, help: &str, labels: &[&str]| {
+            register(&registry, name, |name| {
+                IntGaugeVec::new(Opts::new(name, help), labels)
+            })
+        };
+        let connected = gauge(
+            "sallyport_operator_connector_group_connected_connectors",
+            "Connectors of the group with a live tunnel to the fleet (status.connectedConnectors).",
+            &["namespace", "group"],
+        )?;
+        let desired = gauge(
+            "sallyport_operator_connector_group_desired_connectors",
+            "Connectors the group should have (status.desiredConnectors).",
+            &["namespace", "group"],
+        )?;
+        let app_ready = gauge(
+            "sallyport_operator_published_app_ready",
+            "1 while the PublishedApp's Ready condition is True, else 0.",
+            &["namespace", "app"],
+        )?;
+        let certificate_expiry = gauge(
+            "sallyport_operator_certificate_expiry_timestamp_seconds",
+            "When a certificate of the fleet's PKI expires (notAfter), in Unix seconds, by Secret.",
+            &["secret"],
+        )?;
         Ok(Self {
             registry,
             reconciles,
             failures,
             duration,
             leader,
+            connected,
+            desired,
+            app_ready,
+            certificate_expiry,
+            objects: Arc::new(OnceLock::new()),
         })
+    }
+
+    /// Reads the ConnectorGroup and PublishedApp gauges from these controller caches at
+    /// every scrape from now on (once; later calls are ignored).
+    pub fn follow_objects(&self, groups: Store<ConnectorGroup>, apps: Store<PublishedApp>) {
+        let _already_following = self.objects.set(ObjectCaches { groups, apps });
+    }
+
+    /// Sets the expiry gauge of the certificate Secret `secret` from its `tls.crt`; an
+    /// unreadable certificate removes the series.
+    pub fn set_certificate_expiry(&self, secret: &str, tls_crt: Option<&[u8]>) {
+        match tls_crt.and_then(not_after_of_pem) {
+            Some(not_after) => self
+                .certificate_expiry
+                .with_label_values(&[secret])
+                .set(not_after),
+            None => {
+                let _absent = self.certificate_expiry.remove_label_values(&[secret]);
+            }
+        }
+    }
+
+    /// Reads the PKI's certificate Secrets in `namespace` and sets their expiry gauges;
+    /// a Secret that cannot be read now keeps its last value.
+    pub async fn record_pki_expiry(&self, client: &kube::Client, namespace: &str) {
+        let secrets = Api::<Secret>::namespaced(client.clone(), namespace);
+        for name in [
+            crate::pki::build::ROOT_CA,
+            crate::pki::build::CONNECTOR_ISSUER,
+            crate::pki::build::TUNNEL_TLS,
+        ] {
+            match secrets.get_opt(name).await {
+                Ok(secret) => {
+                    let pem = secret
+                        .and_then(|s| s.data)
+                        .and_then(|mut data| data.remove("tls.crt"));
+                    self.set_certificate_expiry(name, pem.as_ref().map(|p| p.0.as_slice()));
+                }
+                Err(error) => {
+                    debug!(secret = name, %error, "cannot read a PKI Secret for its expiry")
+                }
+            }
+        }
+    }
+
+    /// Sets the object gauges from the caches, when they are followed.
+    fn refresh_objects(&self) {
+        let Some(caches) = self.objects.get() else {
+            return;
+        };
+        self.connected.reset();
+        self.desired.reset();
+        for group in caches.groups.state() {
+            let labels = [group.namespace().unwrap_or_default(), group.name_any()];
+            let labels = [labels[0].as_str(), labels[1].as_str()];
+            let status = group.status.clone().unwrap_or_default();
+            self.connected
+                .with_label_values(&labels)
+                .set(i64::from(status.connected_connectors));
+            self.desired
+                .with_label_values(&labels)
+                .set(i64::from(status.desired_connectors));
+        }
+        self.app_ready.reset();
+        for app in caches.apps.state() {
+            let ready = app.status.as_ref().is_some_and(|status| {
+                status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            });
+            let (namespace, name) = (app.namespace().unwrap_or_default(), app.name_any());
+            self.app_ready
+                .with_label_values(&[namespace.as_str(), name.as_str()])
+                .set(i64::from(ready));
+        }
     }
 
     /// Counts a reconcile of `controller` and times it until the returned timer is
@@ -125,31 +248,31 @@ impl Metrics {
 
     /// Every metric in the Prometheus text exposition format.
     pub fn encode(&self) -> Result<String, MetricsError> {
-        let mut buffer = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut buffer)
-            .map_err(MetricsError::Encode)?;
-        Ok(String::from_utf8_lossy(&buffer).into_owned())
+        self.refresh_objects();
+        sallyport_service::metrics::encode(
+            &self.registry,
+            &[
+                &self.reconciles,
+                &self.failures,
+                &self.duration,
+                &self.leader,
+                &self.connected,
+                &self.desired,
+                &self.app_ready,
+                &self.certificate_expiry,
+            ],
+        )
     }
 }
 
 /// The content type of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
 
-fn register<M>(
-    registry: &Registry,
-    metric: &'static str,
-    make: impl FnOnce(&'static str) -> Result<M, prometheus::Error>,
-) -> Result<M, MetricsError>
-where
-    M: prometheus::core::Collector + Clone + 'static,
-{
-    let error = |source| MetricsError::Register { metric, source };
-    let collector = make(metric).map_err(error)?;
-    registry
-        .register(Box::new(collector.clone()))
-        .map_err(error)?;
-    Ok(collector)
+/// The `notAfter` of the first certificate of the PEM text `pem`, in Unix seconds.
+fn not_after_of_pem(pem: &[u8]) -> Option<i64> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem).ok()?;
+    let certificate = block.parse_x509().ok()?;
+    Some(certificate.validity().not_after.timestamp())
 }
 
 #[cfg(test)]
@@ -176,6 +299,103 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn groups_and_apps_are_read_from_the_caches_at_each_scrape() -> Result<(), MetricsError> {
+        use kube::runtime::reflector::store;
+        use kube::runtime::watcher::Event;
+        use sallyport_api::ConnectorGroupStatus;
+        let metrics = Metrics::new()?;
+        let (groups, mut groups_writer) = store::<ConnectorGroup>();
+        let (apps, mut apps_writer) = store::<PublishedApp>();
+        metrics.follow_objects(groups, apps);
+        let group: ConnectorGroup = serde_json::from_value(serde_json::json!({
+            "apiVersion": "sallyport.dev/v1alpha1", "kind": "ConnectorGroup",
+            "metadata": {"name": "east", "namespace": "infra"},
+            "spec": {}
+        }))
+        .unwrap_or_else(|e| panic!("group: {e}"));
+        let mut group_with_status = group.clone();
+        group_with_status.status = Some(ConnectorGroupStatus {
+            desired_connectors: 2,
+            connected_connectors: 1,
+            ..ConnectorGroupStatus::default()
+        });
+        let app = |ready: &str| -> PublishedApp {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "sallyport.dev/v1alpha1", "kind": "PublishedApp",
+                "metadata": {"name": "wiki", "namespace": "infra"},
+                "spec": {
+                    "externalUrl": "https://wiki.example.com/",
+                    "internalUrl": "http://wiki.infra.svc/",
+                    "connectorGroup": {"name": "east"}
+                },
+                "status": {"conditions": [{
+                    "type": "Ready", "status": ready, "reason": "Test", "message": "",
+                    "lastTransitionTime": "2026-01-01T00:00:00Z"
+                }]}
+            }))
+            .unwrap_or_else(|e| panic!("app: {e}"))
+        };
+        groups_writer.apply_watcher_event(&Event::Apply(group_with_status));
+        apps_writer.apply_watcher_event(&Event::Apply(app("True")));
+        let text = metrics.encode()?;
+        for line in [
+            "sallyport_operator_connector_group_connected_connectors{group=\"east\",namespace=\"infra\"} 1",
+            "sallyport_operator_connector_group_desired_connectors{group=\"east\",namespace=\"infra\"} 2",
+            "sallyport_operator_published_app_ready{app=\"wiki\",namespace=\"infra\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        // A status change is seen at the next scrape; a deleted group's series goes.
+        apps_writer.apply_watcher_event(&Event::Apply(app("False")));
+        groups_writer.apply_watcher_event(&Event::Delete(group));
+        let text = metrics.encode()?;
+        assert!(
+            text.contains(
+                "sallyport_operator_published_app_ready{app=\"wiki\",namespace=\"infra\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("group=\"east\""), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn certificate_expiry_is_read_from_the_pem() -> Result<(), MetricsError> {
+        let metrics = Metrics::new()?;
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let mut params =
+            rcgen::CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("{e}"));
+        params.not_after = rcgen::date_time_ymd(2031, 1, 2);
+        let pem = params
+            .self_signed(&key)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .pem();
+        metrics.set_certificate_expiry("sallyport-root-ca", Some(pem.as_bytes()));
+        let line = "sallyport_operator_certificate_expiry_timestamp_seconds{secret=\"sallyport-root-ca\"} 1925078400";
+        assert!(metrics.encode()?.contains(line));
+        // An unreadable certificate has no expiry to show.
+        metrics.set_certificate_expiry("sallyport-root-ca", Some(b"garbage"));
+        assert!(!metrics.encode()?.contains("secret=\"sallyport-root-ca\""));
+        Ok(())
+    }
+
+    #[test]
+    fn metrics_without_samples_are_declared() -> Result<(), MetricsError> {
+        let text = Metrics::new()?.encode()?;
+        for line in [
+            "# TYPE sallyport_operator_reconcile_failures_total counter",
+            "# TYPE sallyport_operator_connector_group_connected_connectors gauge",
+            "# TYPE sallyport_operator_published_app_ready gauge",
+            "# TYPE sallyport_operator_certificate_expiry_timestamp_seconds gauge",
+            "sallyport_operator_leader 0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        assert_eq!(text.matches("# TYPE sallyport_operator_leader ").count(), 1);
         Ok(())
     }
 

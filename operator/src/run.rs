@@ -361,6 +361,7 @@ async fn run_controllers(
     )
     .graceful_shutdown_on(shutdown.clone().cancelled_owned());
     let groups_cache = group_controller.store();
+    metrics.follow_objects(groups_cache.clone(), apps.clone());
     let groups_done = group_controller
         .run(
             connector_group::reconcile,
@@ -430,6 +431,7 @@ async fn run_controllers(
     let fleet_client = client.clone();
     let pki_settings = config.pki.clone();
     let fleet_settings = config.fleet.clone();
+    let pki_metrics = metrics.clone();
     let pki_loop = async move {
         let mut last_pki_check: Option<tokio::time::Instant> = None;
         loop {
@@ -441,6 +443,9 @@ async fn run_controllers(
                         warn!(reason = error.metric_label(), %error, "PKI reconcile failed; retrying")
                     }
                 }
+                pki_metrics
+                    .record_pki_expiry(&fleet_client, &pki_settings.namespace)
+                    .await;
                 last_pki_check = Some(tokio::time::Instant::now());
             }
             match fleet::reconcile(&fleet_client, &fleet_settings).await {

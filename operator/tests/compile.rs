@@ -358,6 +358,15 @@ fn the_configuration_references_secrets_and_never_holds_their_data() {
         (route.rate_limit.requests_per_second, route.rate_limit.burst),
         (50, 100)
     );
+    assert_eq!(
+        route
+            .rate_limit
+            .per_client_ip
+            .as_ref()
+            .map(|l| (l.requests_per_second, l.burst)),
+        Some((5, 10))
+    );
+    assert_eq!(route.max_request_body_bytes, Some(1 << 20));
     assert_eq!(route.identity.headers[0].name, "X-Remote-User");
     assert_eq!(route.identity.signed_assertion.lifetime.as_str(), "2m");
     assert_eq!(route.connector_group, "team-a/dc");

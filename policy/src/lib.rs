@@ -28,6 +28,7 @@
 mod compile;
 mod context;
 mod evaluate;
+mod risk_detection;
 mod sign_in_log;
 mod time_window;
 
@@ -37,4 +38,5 @@ pub use evaluate::{
     Decision, NotApplied, Outcome, PolicyResult, PolicyVerdict, Requirement, SessionControls,
     StepUp,
 };
+pub use risk_detection::{RiskDetection, RiskDetectionKind, RiskScope};
 pub use sign_in_log::{Location, SIGN_IN_LOG_SCHEMA, SignInEvent, SignInEventPolicy, SignInStage};

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::context::SignInContext;
 use crate::evaluate::{Decision, NotApplied, Outcome, PolicyVerdict, Requirement};
+use crate::risk_detection::RiskDetection;
 
 /// The value of every sign-in log line's `schema` field.
 pub const SIGN_IN_LOG_SCHEMA: &str = "sallyport.dev/sign-in/v1";
@@ -66,6 +67,10 @@ pub struct SignInEvent<'a> {
     pub sign_in_risk: Option<RiskLevel>,
     /// The user risk level, if any risk was detected.
     pub user_risk: Option<RiskLevel>,
+    /// The risk detections that fired at this sign-in (`signIn` stage only; absent when
+    /// none did).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub risk_detections: &'a [RiskDetection],
     /// Every enforced and report-only policy of the app with its result.
     pub policies: Vec<SignInEventPolicy<'a>>,
     /// The final decision: `allowed`, `notAssigned`, `blocked`, `denied` or `stepUp`.
@@ -156,6 +161,7 @@ impl<'a> SignInEvent<'a> {
             auth_time: context.auth_time,
             sign_in_risk: context.sign_in_risk,
             user_risk: context.user_risk,
+            risk_detections: &[],
             policies,
             decision: decision.outcome.name(),
             reason: reason(decision),
@@ -165,6 +171,12 @@ impl<'a> SignInEvent<'a> {
     /// Sets the request id.
     pub fn with_request_id(mut self, request_id: &'a str) -> Self {
         self.request_id = Some(request_id);
+        self
+    }
+
+    /// Sets the risk detections that fired at the sign-in.
+    pub fn with_risk_detections(mut self, detections: &'a [RiskDetection]) -> Self {
+        self.risk_detections = detections;
         self
     }
 

@@ -10,14 +10,14 @@
 //!   next request; the cache only spares the evaluation and the log line for the
 //!   requests in between.
 //! - Every evaluation is written to the sign-in log ([`SignInLog`]): one JSON line on
-//!   standard output in the schema of [`sallyport_policy::SignInEvent`]
-//!   (`docs/sign-in-log.md`), next to the proxy's own log lines on standard error.
+//!   standard output in the schema of [`sallyport_policy::SignInEvent`] plus a unique
+//!   `id` (`docs/sign-in-log.md`), next to the proxy's own log lines on standard error,
+//!   and delivered to the SIEM sinks of [`sallyport_events`] (`docs/siem.md`).
 //! - [`StreamGuard`] keeps deciding for as long as a WebSocket or a response body is
 //!   open: after every configuration change and every [`STREAM_RECHECK`], it decides the
 //!   session again and ends the stream when it is no longer allowed.
 
 use std::future::Future;
-use std::io::Write as _;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -31,7 +31,7 @@ use jiff::Timestamp;
 use sallyport_api::conditional_access_policy::{ClientPlatform, RiskLevel};
 use sallyport_identity::Session;
 use sallyport_policy::{
-    AppPolicies, Decision, MfaSettings, SignInContext, SignInEvent, SignInStage,
+    AppPolicies, Decision, MfaSettings, RiskDetection, SignInContext, SignInEvent, SignInStage,
     platform_from_user_agent,
 };
 use tokio::sync::watch;
@@ -88,6 +88,14 @@ impl AccessSettings {
     }
 }
 
+/// The session claim holding the sign-in risk level Sallyport's own detections found at
+/// sign-in (see [`crate::risk`]); a name no provider claim is kept under.
+pub const DETECTED_SIGN_IN_RISK_CLAIM: &str = "sallyport:signInRisk";
+
+/// The session claim holding the user risk level Sallyport's detections found at
+/// sign-in.
+pub const DETECTED_USER_RISK_CLAIM: &str = "sallyport:userRisk";
+
 /// A session's request as policy sees it, owned so that a stream can keep it.
 #[derive(Debug, Clone)]
 pub struct Subject {
@@ -99,11 +107,14 @@ pub struct Subject {
     pub platform: Option<ClientPlatform>,
     sign_in_risk: Option<RiskLevel>,
     user_risk: Option<RiskLevel>,
+    risk_detections: Arc<[RiskDetection]>,
 }
 
 impl Subject {
-    /// `session` requesting from `client_ip` with `user_agent`; risk levels are read
-    /// from the session's claims that `settings` names.
+    /// `session` requesting from `client_ip` with `user_agent`. Each risk level is the
+    /// higher of the provider's (the session's claim that `settings` names) and
+    /// Sallyport's detections at sign-in ([`DETECTED_SIGN_IN_RISK_CLAIM`],
+    /// [`DETECTED_USER_RISK_CLAIM`]).
     pub fn new(
         session: Arc<Session>,
         client_ip: IpAddr,
@@ -113,19 +124,43 @@ impl Subject {
         let platform = user_agent
             .and_then(|ua| ua.to_str().ok())
             .and_then(platform_from_user_agent);
-        let risk = |claim: &Option<String>| {
+        let risk = |claim: Option<&str>| {
             claim
-                .as_deref()
                 .and_then(|claim| session.claims.get(claim))
                 .and_then(|value| risk_level(value))
         };
         Self {
-            sign_in_risk: risk(&settings.sign_in_risk_claim),
-            user_risk: risk(&settings.user_risk_claim),
+            sign_in_risk: risk(settings.sign_in_risk_claim.as_deref())
+                .max(risk(Some(DETECTED_SIGN_IN_RISK_CLAIM))),
+            user_risk: risk(settings.user_risk_claim.as_deref())
+                .max(risk(Some(DETECTED_USER_RISK_CLAIM))),
+            risk_detections: Arc::from([]),
             session,
             client_ip,
             platform,
         }
+    }
+
+    /// The same subject with the risk detections that fired at its sign-in, for the
+    /// sign-in log.
+    pub fn with_risk_detections(mut self, detections: Vec<RiskDetection>) -> Self {
+        self.risk_detections = detections.into();
+        self
+    }
+
+    /// The risk detections that fired at the sign-in (only at the sign-in itself).
+    pub fn risk_detections(&self) -> &[RiskDetection] {
+        &self.risk_detections
+    }
+
+    /// The sign-in risk level policy sees.
+    pub fn sign_in_risk(&self) -> Option<RiskLevel> {
+        self.sign_in_risk
+    }
+
+    /// The user risk level policy sees.
+    pub fn user_risk(&self) -> Option<RiskLevel> {
+        self.user_risk
     }
 
     /// The context of a decision at `now`.
@@ -199,7 +234,8 @@ impl std::fmt::Debug for AccessControl {
 }
 
 impl AccessControl {
-    /// Conditional access with `settings`, logging to standard output.
+    /// Conditional access with `settings`, logging through the process's event pipeline
+    /// (standard output and the SIEM sinks).
     pub fn new(settings: AccessSettings) -> Self {
         Self {
             settings,
@@ -208,7 +244,7 @@ impl AccessControl {
                 DECISION_CACHE_WEIGHT,
                 DecisionWeight,
             ),
-            log: SignInLog::Stdout,
+            log: SignInLog::Events,
         }
     }
 
@@ -281,8 +317,10 @@ impl AccessControl {
         stage: SignInStage,
         request_id: Option<&str>,
     ) {
+        crate::metrics::policy_decision(policies.app(), stage, &decision.outcome);
         let mut event = SignInEvent::new(policies.app(), stage, context, decision)
-            .with_session_id(&subject.session.id);
+            .with_session_id(&subject.session.id)
+            .with_risk_detections(subject.risk_detections());
         if let Some(request_id) = request_id {
             event = event.with_request_id(request_id);
         }
@@ -293,19 +331,44 @@ impl AccessControl {
 /// Where sign-in log lines go.
 #[derive(Debug)]
 enum SignInLog {
-    /// Standard output, one JSON line per event, each written whole under stdout's lock
-    /// (`main` must not hold that lock while the proxy runs).
-    Stdout,
+    /// The process's event pipeline ([`sallyport_events::global`]): one JSON line on
+    /// standard output, each written whole under stdout's lock (`main` must not hold that
+    /// lock while the proxy runs), and every configured SIEM sink.
+    Events,
+}
+
+/// A sign-in event with its unique `id` (appended after the other fields, so lines
+/// still start with `{"schema":...`): receivers of the SIEM sinks de-duplicate by it.
+#[derive(serde::Serialize)]
+struct IdentifiedSignInEvent<'e, 'a> {
+    #[serde(flatten)]
+    event: &'e SignInEvent<'a>,
+    id: &'e str,
 }
 
 impl SignInLog {
     fn write(&self, event: &SignInEvent<'_>) {
         match self {
-            Self::Stdout => {
-                let mut line = event.to_json();
-                line.push('\n');
-                if let Err(error) = std::io::stdout().lock().write_all(line.as_bytes()) {
-                    warn!(%error, app = event.app, "cannot write the sign-in log");
+            Self::Events => {
+                let id = sallyport_events::new_event_id();
+                let severity = if event.decision == "allowed" {
+                    sallyport_events::Severity::Info
+                } else {
+                    sallyport_events::Severity::Warn
+                };
+                let record = sallyport_events::Record::serialize(
+                    &id,
+                    event.schema,
+                    "signIn",
+                    event.time,
+                    severity,
+                    &IdentifiedSignInEvent { event, id: &id },
+                );
+                match record {
+                    Ok(record) => sallyport_events::global().emit(record),
+                    Err(error) => {
+                        warn!(%error, app = event.app, "cannot serialise a sign-in log line")
+                    }
                 }
             }
         }
@@ -442,6 +505,62 @@ mod tests {
         assert_eq!(risk_level("low"), Some(RiskLevel::Low));
         assert_eq!(risk_level("none"), None);
         assert_eq!(risk_level("hidden"), None);
+    }
+
+    #[test]
+    fn detected_and_claimed_risk_combine_to_the_higher() {
+        let session = |claims: &[(&str, &str)]| {
+            Arc::new(Session {
+                id: "s".to_owned(),
+                subject: "alice".to_owned(),
+                user_name: "alice".to_owned(),
+                display_name: None,
+                email: None,
+                groups: Vec::new(),
+                groups_cut: false,
+                claims: claims
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                issuer: "https://idp".to_owned(),
+                auth_time: 0,
+                issued_at: 0,
+                expires_at: 1,
+                amr: Vec::new(),
+                acr: None,
+            })
+        };
+        let settings = AccessSettings {
+            sign_in_risk_claim: Some("sirisk".to_owned()),
+            user_risk_claim: Some("urisk".to_owned()),
+            ..AccessSettings::default()
+        };
+        let ip = IpAddr::from([203, 0, 113, 1]);
+        let subject = |claims: &[(&str, &str)]| Subject::new(session(claims), ip, None, &settings);
+        let none = subject(&[]);
+        assert_eq!((none.sign_in_risk(), none.user_risk()), (None, None));
+        let detected = subject(&[
+            (DETECTED_SIGN_IN_RISK_CLAIM, "high"),
+            (DETECTED_USER_RISK_CLAIM, "low"),
+        ]);
+        assert_eq!(
+            (detected.sign_in_risk(), detected.user_risk()),
+            (Some(RiskLevel::High), Some(RiskLevel::Low))
+        );
+        let both = subject(&[
+            ("sirisk", "low"),
+            (DETECTED_SIGN_IN_RISK_CLAIM, "medium"),
+            ("urisk", "high"),
+            (DETECTED_USER_RISK_CLAIM, "low"),
+        ]);
+        assert_eq!(
+            (both.sign_in_risk(), both.user_risk()),
+            (Some(RiskLevel::Medium), Some(RiskLevel::High)),
+            "the higher of the provider's and the detections' level counts"
+        );
+        let context = both.context(Timestamp::UNIX_EPOCH);
+        assert_eq!(context.sign_in_risk, Some(RiskLevel::Medium));
+        assert!(both.risk_detections().is_empty());
     }
 
     #[test]

@@ -41,12 +41,15 @@ use sallyport_identity::{
 use sallyport_oidc::{
     AuthenticationRequirements, ClientSettings, OidcError, Providers, SignInSecrets, SignedIn,
 };
-use sallyport_policy::{Decision, Outcome, SignInStage};
+use sallyport_policy::{Decision, Outcome, SignInStage, platform_from_user_agent};
+use sallyport_risk::{Assessment, RiskEngine, SignInAttempt};
 use sallyport_tunnel::body::{TunnelBody, full};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use crate::access::{AccessControl, AccessSettings, Subject};
+use crate::access::{
+    AccessControl, AccessSettings, DETECTED_SIGN_IN_RISK_CLAIM, DETECTED_USER_RISK_CLAIM, Subject,
+};
 use crate::app_tls::SecretSource;
 use crate::pages;
 use crate::router::{AppRoute, Router};
@@ -94,6 +97,8 @@ pub struct AuthSettings {
     pub assertion_issuer: String,
     /// Conditional access: how MFA and risk are read.
     pub access: AccessSettings,
+    /// Risk detection at sign-in (see [`crate::risk`]).
+    pub risk: Arc<RiskEngine>,
 }
 
 /// Sign-in, sessions and identity for OIDC apps. Keys are swapped in as their Secrets
@@ -107,6 +112,7 @@ pub struct Authenticator {
     client_secrets: Mutex<HashMap<SecretKeyRef, (String, Instant)>>,
     interstitial_csp: HeaderValue,
     access: Arc<AccessControl>,
+    risk: Arc<RiskEngine>,
 }
 
 /// A sign-in failure as users see it: a category, never a secret.
@@ -212,8 +218,10 @@ impl Authenticator {
             "default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
         );
         let access = Arc::new(AccessControl::new(settings.access.clone()));
+        let risk = settings.risk.clone();
         Self {
             access,
+            risk,
             settings,
             providers,
             secrets,
@@ -228,6 +236,11 @@ impl Authenticator {
     /// Conditional access: decisions and the sign-in log.
     pub fn access(&self) -> &Arc<AccessControl> {
         &self.access
+    }
+
+    /// Risk detection at sign-in.
+    pub fn risk(&self) -> &Arc<RiskEngine> {
+        &self.risk
     }
 
     /// Swaps in the session key ring.
@@ -501,6 +514,82 @@ impl Authenticator {
         self.start_sign_in(route, visit, &return_to, step_up).await
     }
 
+    /// Runs the risk detections on the sign-in of `session` on this visit and notes the
+    /// levels they found in the session.
+    async fn assess_risk(&self, session: &mut Session, visit: &Visit<'_>) -> Assessment {
+        let platform = visit
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|ua| ua.to_str().ok())
+            .and_then(platform_from_user_agent);
+        let assessed = self
+            .risk
+            .assess(&SignInAttempt {
+                user: &session.user_name,
+                ip: visit.client_ip,
+                platform,
+                now_ms: crate::risk::now_ms(),
+            })
+            .await;
+        for (claim, level) in [
+            (DETECTED_SIGN_IN_RISK_CLAIM, assessed.sign_in_risk),
+            (DETECTED_USER_RISK_CLAIM, assessed.user_risk),
+        ] {
+            match level {
+                Some(level) => {
+                    let text = serde_json::to_value(level)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    session.claims.insert(claim.to_owned(), text);
+                }
+                None => {
+                    session.claims.remove(claim);
+                }
+            }
+        }
+        for detection in &assessed.detections {
+            crate::metrics::risk_detection(detection.kind.name());
+        }
+        if !assessed.detections.is_empty() {
+            let detections: Vec<String> = assessed
+                .detections
+                .iter()
+                .map(|d| format!("{}={:?}", d.kind.name(), d.level))
+                .collect();
+            info!(
+                user = %session.user_name,
+                client_ip = %visit.client_ip,
+                sign_in_risk = ?assessed.sign_in_risk,
+                user_risk = ?assessed.user_risk,
+                ?detections,
+                request_id = %visit.request_id,
+                "risk detected at sign-in"
+            );
+        }
+        assessed
+    }
+
+    /// Feeds the sign-in's outcome back to risk detection: a refusal counts as a failed
+    /// sign-in of the user from the IP, an allowed sign-in joins the user's history.
+    async fn record_risk_outcome(
+        &self,
+        subject: &Subject,
+        outcome: &Outcome,
+        assessed: &Assessment,
+    ) {
+        let user = subject.session.user_name.as_str();
+        match outcome {
+            Outcome::Allowed => self.risk.record_sign_in(user, assessed).await,
+            Outcome::NotAssigned | Outcome::Blocked { .. } | Outcome::Denied { .. } => {
+                self.risk
+                    .record_failure(Some(user), subject.client_ip, crate::risk::now_ms())
+                    .await;
+            }
+            Outcome::StepUp(_) => {}
+        }
+    }
+
     /// The subject of `session` on this visit.
     fn subject(&self, session: Session, visit: &Visit<'_>) -> Subject {
         Subject::new(
@@ -668,6 +757,10 @@ impl Authenticator {
         let settings = cookie_settings(route);
         let removal = settings.transaction_removal(&state);
         if let Some(error) = query_value(query, "error") {
+            // The provider refused or the user gave up: a failed sign-in from this IP.
+            self.risk
+                .record_failure(None, visit.client_ip, crate::risk::now_ms())
+                .await;
             let failure = if error == "access_denied" {
                 SignInFailure::Denied
             } else {
@@ -738,6 +831,16 @@ impl Authenticator {
         {
             Ok(signed_in) => signed_in,
             Err(error) => {
+                // A refused code or an ID token that fails validation is a failed
+                // sign-in; an unreachable provider is nobody's failure.
+                if matches!(
+                    error,
+                    OidcError::ProviderRefused { .. } | OidcError::TokenInvalid { .. }
+                ) {
+                    self.risk
+                        .record_failure(None, visit.client_ip, crate::risk::now_ms())
+                        .await;
+                }
                 return self.failure(
                     (&error).into(),
                     request_id,
@@ -757,6 +860,8 @@ impl Authenticator {
                 );
             }
         };
+        // Risk is assessed before policy decides, and its levels travel in the session.
+        let assessed = self.assess_risk(&mut session, visit).await;
         let Some(policies) = router.policies_of(&route.app) else {
             return self.failure(
                 SignInFailure::Unavailable,
@@ -775,10 +880,15 @@ impl Authenticator {
                 Some(&removal),
             );
         }
-        let subject = self.subject(session, visit);
+        let subject = self
+            .subject(session, visit)
+            .with_risk_detections(assessed.detections.clone());
         let decision =
             self.access
                 .evaluate(policies, &subject, SignInStage::SignIn, Some(request_id));
+        self.record_risk_outcome(&subject, &decision.outcome, &assessed)
+            .await;
+        crate::metrics::sign_in(decision.outcome.name());
         match &decision.outcome {
             Outcome::Allowed => {}
             Outcome::StepUp(step_up) if !transaction.step_up => {
@@ -907,6 +1017,7 @@ impl Authenticator {
         removal: Option<&str>,
     ) -> Response<TunnelBody> {
         warn!(category = failure.category(), %request_id, detail, "sign-in failed");
+        crate::metrics::sign_in("failed");
         let mut response = pages::error_page(
             failure.status(),
             failure.title(),

@@ -25,9 +25,13 @@
 //! Registration checks the request and its CSR *before* spending a use of the token, so
 //! a malformed request never costs a use.
 //!
-//! Every registration, renewal and refusal is logged at target [`AUDIT_TARGET`] with the
-//! fields `event`, `reason`, `group`, `connector` and `client` (the peer address, when the
-//! listener put a [`ClientAddress`] in the request's extensions).
+//! Every registration, renewal and refusal is an audit event (`sallyport.dev/audit/v1`,
+//! `docs/siem.md`) emitted through the process's event pipeline
+//! ([`sallyport_events::global`]: standard output and the SIEM sinks), with the actions
+//! `connector.registered`, `connector.renewed` and `connector.refused`; it is also logged
+//! at target [`AUDIT_TARGET`] with the fields `event`, `reason`, `group`, `connector` and
+//! `client` (the peer address, when the listener put a [`ClientAddress`] in the request's
+//! extensions).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,6 +47,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Body;
 use sallyport_api::FleetConfig;
 use sallyport_api::fleet_config::{ConnectorGroupConfig, GroupSlice};
+use sallyport_events::{AuditEvent, ObjectRef, Outcome};
 use sallyport_tunnel::ConnectorIdentity;
 use sallyport_tunnel::body::{BoxError, TunnelBody, full};
 use sallyport_tunnel::wire::{
@@ -127,6 +132,15 @@ impl Route {
         }
     }
 
+    /// What the caller asked for, in the `request` detail of a refusal's audit event.
+    fn request(self) -> &'static str {
+        match self {
+            Self::Register => "register",
+            Self::Renew => "renew",
+            Self::Config => "config",
+        }
+    }
+
     /// The audit event name.
     fn event(self) -> &'static str {
         match self {
@@ -149,6 +163,26 @@ impl Audit {
     fn identify(&mut self, identity: &ConnectorIdentity) {
         self.group = Some(identity.group_id());
         self.connector = Some(identity.connector_id());
+    }
+
+    /// Emits the audit event of `refusal` of a `route` request.
+    fn refused(&self, route: Route, outcome: Outcome, refusal: &Refusal) {
+        let object = match (&self.connector, &self.group) {
+            (Some(connector), _) => ObjectRef::from_id("Connector", connector),
+            (None, Some(group)) => ObjectRef::from_id("ConnectorGroup", group),
+            (None, None) => ObjectRef::from_id("Connector", ""),
+        };
+        sallyport_events::audit(
+            AuditEvent::new("connector.refused", object, outcome)
+                .reason(refusal.reason.clone())
+                .message(refusal.detail.as_deref().unwrap_or(&refusal.message))
+                .source_address(self.client.as_deref())
+                .detail("request", route.request())
+                .detail("status", refusal.status.as_u16())
+                .detail("group", self.group.as_deref())
+                .detail("connector", self.connector.as_deref())
+                .detail("retryAfterSeconds", refusal.retry_after),
+        );
     }
 }
 
@@ -446,6 +480,7 @@ impl FleetApi {
                     detail = refusal.detail.as_deref().unwrap_or(&refusal.message),
                     "fleet API request deferred"
                 );
+                audit.refused(route, Outcome::Deferred, &refusal);
             } else if refusal.status.is_server_error() {
                 error!(
                     target: AUDIT_TARGET,
@@ -458,6 +493,7 @@ impl FleetApi {
                     detail = refusal.detail.as_deref().unwrap_or(&refusal.message),
                     "fleet API request failed"
                 );
+                audit.refused(route, Outcome::Failed, &refusal);
             } else {
                 warn!(
                     target: AUDIT_TARGET,
@@ -470,6 +506,7 @@ impl FleetApi {
                     detail = refusal.detail.as_deref().unwrap_or(&refusal.message),
                     "fleet API request refused"
                 );
+                audit.refused(route, Outcome::Refused, &refusal);
             }
             refusal.into_response()
         })
@@ -547,6 +584,25 @@ impl FleetApi {
             not_after = %response.not_after,
             "connector registered"
         );
+        sallyport_events::audit(
+            AuditEvent::new(
+                "connector.registered",
+                ObjectRef::from_id("Connector", &identity.connector_id()),
+                Outcome::Success,
+            )
+            .message(format!(
+                "connector {} registered in group {} with the group's token",
+                identity.connector_id(),
+                identity.group_id()
+            ))
+            .source_address(audit.client.as_deref())
+            .detail("group", identity.group_id())
+            .detail("hostname", &body.hostname)
+            .detail("version", &body.version)
+            .detail("key", csr.key_kind().to_string())
+            .detail("serial", &issued.serial_hex)
+            .detail("notAfter", &response.not_after),
+        );
         Ok(json_response(StatusCode::OK, &response))
     }
 
@@ -588,6 +644,23 @@ impl FleetApi {
             serial = %issued.serial_hex,
             not_after = %response.not_after,
             "connector certificate renewed"
+        );
+        sallyport_events::audit(
+            AuditEvent::new(
+                "connector.renewed",
+                ObjectRef::from_id("Connector", &identity.connector_id()),
+                Outcome::Success,
+            )
+            .message(format!(
+                "connector {} renewed its certificate",
+                identity.connector_id()
+            ))
+            .source_address(audit.client.as_deref())
+            .detail("group", identity.group_id())
+            .detail("version", &body.version)
+            .detail("key", csr.key_kind().to_string())
+            .detail("serial", &issued.serial_hex)
+            .detail("notAfter", &response.not_after),
         );
         Ok(json_response(StatusCode::OK, &response))
     }

@@ -12,10 +12,13 @@ pub mod fleet_api;
 pub mod forward;
 pub mod identity_keys;
 pub mod issuer;
+pub mod metrics;
 pub mod pages;
+pub mod protection;
 pub mod rate_limit;
 pub mod registry;
 pub mod replicas;
+pub mod risk;
 pub mod router;
 pub mod run;
 pub mod serve;
@@ -31,7 +34,7 @@ use clap::{Parser, Subcommand};
     name = "sallyport-proxy",
     version,
     about = "The Sallyport proxy: the public edge that pre-authenticates users and routes their requests onto connector tunnels.",
-    long_about = "The Sallyport proxy: the public edge that pre-authenticates users and routes their requests onto connector tunnels.\n\nIt terminates TLS for every published host, answers robots.txt, carries each request over a reverse HTTP/2 tunnel held open by a connector of the app's group, and serves the fleet API connectors register and renew their certificates with. In a cluster it follows the configuration the operator compiles; standalone it reads it from a file.\n\nApps with OpenID Connect pre-authentication are served only to signed-in users (sessions in encrypted cookies, identity passed to backends as headers and a signed assertion). Conditional access and abuse limits are not in this build yet."
+    long_about = "The Sallyport proxy: the public edge that pre-authenticates users and routes their requests onto connector tunnels.\n\nIt terminates TLS for every published host, answers robots.txt, carries each request over a reverse HTTP/2 tunnel held open by a connector of the app's group, and serves the fleet API connectors register and renew their certificates with. In a cluster it follows the configuration the operator compiles; standalone it reads it from a file.\n\nApps with OpenID Connect pre-authentication are served only to signed-in users (sessions in encrypted cookies, identity passed to backends as headers and a signed assertion). Conditional access policies decide every sign-in and request (with risk detections feeding them); abuse limits (rates, caps, timeouts, sizes) protect the fleet; sign-in and audit events go to stdout and optionally to a SIEM; metrics are served on the probe address."
 )]
 pub struct Cli {
     /// What to do; without a command, print the version.

@@ -105,6 +105,58 @@ pub fn too_many_requests(
     response
 }
 
+/// 429: this client sends more requests than the proxy accepts from one address.
+pub fn client_too_many_requests(
+    accept: Option<&HeaderValue>,
+    wait: std::time::Duration,
+    request_id: &str,
+) -> Response<TunnelBody> {
+    let mut response = error_response(
+        accept,
+        StatusCode::TOO_MANY_REQUESTS,
+        "Too many requests",
+        "Your address sends more requests than this service accepts from one address. Please slow down and try again in a moment.",
+        request_id,
+    );
+    set_retry_after(&mut response, crate::rate_limit::retry_after_secs(wait));
+    response
+}
+
+/// 503: the proxy holds as many requests as it takes at once; retry in `retry_after`
+/// seconds.
+pub fn overloaded(
+    accept: Option<&HeaderValue>,
+    retry_after: u32,
+    request_id: &str,
+) -> Response<TunnelBody> {
+    let mut response = error_response(
+        accept,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Service busy",
+        "This service is handling as many requests as it can right now. Please try again in a moment.",
+        request_id,
+    );
+    set_retry_after(&mut response, retry_after);
+    response
+}
+
+/// 413: the request body is larger than the `limit` bytes `app` accepts.
+pub fn payload_too_large(
+    accept: Option<&HeaderValue>,
+    app: &str,
+    limit: u64,
+    request_id: &str,
+) -> Response<TunnelBody> {
+    let detail = format!("The application {app} accepts request bodies of at most {limit} bytes.");
+    error_response(
+        accept,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "Request too large",
+        &detail,
+        request_id,
+    )
+}
+
 /// 504: the application did not answer in time.
 pub fn gateway_timeout(accept: Option<&HeaderValue>, request_id: &str) -> Response<TunnelBody> {
     error_response(

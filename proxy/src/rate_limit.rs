@@ -10,6 +10,10 @@
 //! Each route's bucket ([`AppRateLimiter`]) is kept across configuration changes while
 //! the app's limit and the replica count stay the same, so a new configuration does not
 //! refill every bucket.
+//!
+//! An app may also limit each client (`spec.rateLimit.perClientIp`): one bucket per
+//! client address ([`crate::protection::ClientRateLimiter`]), enforced by each replica on
+//! its own, checked before the app's bucket so that one client cannot empty it.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -18,12 +22,15 @@ use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sallyport_api::published_app::RateLimit;
 
+use crate::protection::ClientRateLimiter;
+
 /// One app's token bucket on this replica.
 #[derive(Debug)]
 pub struct AppRateLimiter {
     limit: RateLimit,
     replicas: usize,
     limiter: DefaultDirectRateLimiter,
+    clients: Option<ClientRateLimiter>,
 }
 
 impl AppRateLimiter {
@@ -35,12 +42,22 @@ impl AppRateLimiter {
             limit: limit.clone(),
             replicas,
             limiter: RateLimiter::direct(quota),
+            clients: limit.per_client_ip.as_ref().map(ClientRateLimiter::new),
         }
     }
 
     /// Whether this bucket enforces `limit` among `replicas`, so it can be kept.
     pub fn enforces(&self, limit: &RateLimit, replicas: usize) -> bool {
         &self.limit == limit && self.replicas == replicas
+    }
+
+    /// Takes one request from `client`'s bucket for this app, when the app limits each
+    /// client; when it is empty, how long until one fits.
+    pub fn check_client(&self, client: std::net::IpAddr) -> Result<(), Duration> {
+        match &self.clients {
+            Some(clients) => clients.check(client),
+            None => Ok(()),
+        }
     }
 
     /// Takes one request from the bucket; when it is empty, how long until one fits.
@@ -78,7 +95,35 @@ mod tests {
         RateLimit {
             requests_per_second,
             burst,
+            per_client_ip: None,
         }
+    }
+
+    #[test]
+    fn an_app_may_limit_each_client() {
+        let client = |text: &str| -> std::net::IpAddr {
+            text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
+        };
+        let mut per_client = limit(500, 1000);
+        per_client.per_client_ip = Some(sallyport_api::published_app::ClientRateLimit {
+            requests_per_second: 1,
+            burst: 2,
+        });
+        // Per client, not shared among replicas.
+        let bucket = AppRateLimiter::new(&per_client, 3);
+        assert!(bucket.check_client(client("192.0.2.1")).is_ok());
+        assert!(bucket.check_client(client("192.0.2.1")).is_ok());
+        assert!(bucket.check_client(client("192.0.2.1")).is_err());
+        assert!(bucket.check_client(client("192.0.2.2")).is_ok());
+        // Without it, every client passes.
+        let open = AppRateLimiter::new(&limit(500, 1000), 1);
+        for _ in 0..10 {
+            assert!(open.check_client(client("192.0.2.1")).is_ok());
+        }
+        assert!(
+            !bucket.enforces(&limit(500, 1000), 3),
+            "a new per-client limit gets new buckets"
+        );
     }
 
     #[test]

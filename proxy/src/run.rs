@@ -33,6 +33,7 @@ use crate::fleet_api::FleetApi;
 use crate::forward::{IpNetwork, TrustedProxies};
 use crate::identity_keys::{self, KeySource};
 use crate::issuer::{Issuer, IssuerError};
+use crate::protection::{ProtectionArgs, ProtectionError};
 use crate::registry::tunnel_status::{self, ReportSettings};
 use crate::registry::{KubeRegistry, MemoryRegistry, Registry, StaticToken};
 use crate::replicas;
@@ -46,7 +47,8 @@ pub struct RunArgs {
     #[arg(long, env = "SALLYPORT_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
 
-    /// Where to serve the kubelet's probes (`/livez`, `/readyz`), as ADDRESS:PORT.
+    /// Where to serve the kubelet's probes (`/livez`, `/readyz`) and Prometheus metrics
+    /// (`/metrics`), as ADDRESS:PORT.
     #[arg(long, env = "SALLYPORT_PROBE_ADDRESS", default_value = "0.0.0.0:8080")]
     pub probe_address: SocketAddr,
 
@@ -193,6 +195,18 @@ pub struct RunArgs {
     #[arg(long, env = "SALLYPORT_USER_RISK_CLAIM")]
     pub user_risk_claim: Option<String>,
 
+    /// Risk detections at sign-in (see docs/risk.md).
+    #[command(flatten)]
+    pub risk: crate::risk::RiskArgs,
+
+    /// Abuse limits: rates, caps, timeouts and sizes (see docs/protection.md).
+    #[command(flatten)]
+    pub protection: ProtectionArgs,
+
+    /// Delivery of sign-in and audit events to a SIEM (see docs/siem.md).
+    #[command(flatten)]
+    pub events: sallyport_events::EventArgs,
+
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, env = "SALLYPORT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -237,6 +251,15 @@ pub enum RunError {
     /// The HTTPS client for identity providers could not be built.
     #[error(transparent)]
     IdentityProviders(sallyport_oidc::HttpError),
+    /// The abuse limits' flags do not fit together.
+    #[error(transparent)]
+    Protection(#[from] ProtectionError),
+    /// Risk detection's flags are unusable.
+    #[error(transparent)]
+    Risk(#[from] crate::risk::RiskSetupError),
+    /// The event sinks' flags are unusable.
+    #[error(transparent)]
+    Events(#[from] sallyport_events::PipelineError),
     /// The async runtime could not start.
     #[error("cannot start the async runtime: {0}")]
     Runtime(#[source] std::io::Error),
@@ -265,9 +288,15 @@ async fn authenticator(
             tunnel_hostnames.first().map_or("sallyport", String::as_str)
         )
     });
+    let cluster = match &secrets {
+        SecretSource::Cluster(client) => Some((client.clone(), args.namespace.clone())),
+        SecretSource::Dir(_) => None,
+    };
+    let risk = crate::risk::start(&args.risk, cluster, stopped)?;
     let auth = Arc::new(Authenticator::new(
         AuthSettings {
             assertion_issuer,
+            risk,
             access: AccessSettings {
                 mfa: MfaSettings {
                     acr_values: args.mfa_acr_values.clone(),
@@ -334,6 +363,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         .clone()
         .or_else(|| hostname::get().ok().and_then(|h| h.into_string().ok()))
         .unwrap_or_else(|| "sallyport-proxy".to_owned());
+    // Sign-in and audit events: standard output and the SIEM sinks (docs/siem.md),
+    // flushed after the drain.
+    let events = sallyport_events::Events::start(
+        &args.events,
+        sallyport_events::Actor::new("sallyport-proxy", &replica),
+    )?;
+    if !events.install() {
+        warn!("an event pipeline was installed before in this process; it stays in use");
+    }
     let tunnel_hostnames = if args.tunnel_hostnames.is_empty() {
         vec![format!("sallyport-proxy.{}.svc", args.namespace)]
     } else {
@@ -347,6 +385,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let connector_roots =
         certificates_from_pem("fleet root CA", &read(args.tunnel_tls_dir.join("ca.crt"))?)?;
     let issuer = Issuer::from_dir(&args.connector_issuer_dir)?;
+    let protection = args.protection.settings()?;
+    record_certificate_expiry(&args.tunnel_tls_dir, &issuer);
 
     // Where the configuration, tokens, certificates and replicas come from.
     let (configs_tx, mut configs) = watch::channel(None::<Arc<FleetConfig>>);
@@ -398,7 +438,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         .iter()
         .map(ToString::to_string)
         .collect();
-    info!(%replica, source = ?source, listen = %args.listen, trusted_proxies = ?trusted, "starting");
+    info!(%replica, source = ?source, listen = %args.listen, trusted_proxies = ?trusted, ?protection, "starting");
     // The configuration is followed while the proxy drains too: a revocation still
     // closes tunnels.
     tokio::spawn(source.follow(configs_tx, stopped.clone()));
@@ -448,6 +488,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         drain_timeout: TUNNEL_DRAIN_TIMEOUT,
         ..PoolSettings::default()
     });
+    if let Some(metrics) = crate::metrics::global() {
+        metrics.count_tunnels_of(pool.clone());
+    }
     // In a cluster, the tunnels held here are reported on their Connectors' status.
     let reporting = cluster.map(|client| {
         let stop = CancellationToken::new();
@@ -471,6 +514,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         pool,
         replicas: replicas_rx.clone(),
         trusted_proxies: TrustedProxies::new(args.trusted_proxies.iter().copied()),
+        protection,
     })?;
 
     proxy.set_authenticator(authenticator);
@@ -545,6 +589,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             );
         }
     }
+    // Events written during the drain reach the sinks before the process ends.
+    events.close().await;
     info!("drained; stopped");
     Ok(())
 }
@@ -620,6 +666,49 @@ async fn warm_up(proxy: Arc<Proxy>, readiness: Arc<ReadinessState>, within: Dura
     readiness.advance(Readiness::Ready);
 }
 
+/// The answer to `/metrics`: every metric of the process in Prometheus text format.
+fn metrics_response() -> Response<Full<Bytes>> {
+    let encoded = crate::metrics::global().map(crate::metrics::ProxyMetrics::encode);
+    let (status, body) = match encoded {
+        Some(Ok(text)) => (StatusCode::OK, text),
+        Some(Err(error)) => {
+            warn!(%error, "cannot encode the metrics");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "cannot encode the metrics\n".to_owned(),
+            )
+        }
+        None => (StatusCode::SERVICE_UNAVAILABLE, "no metrics\n".to_owned()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if status == StatusCode::OK {
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        );
+    }
+    response
+}
+
+/// Sets the certificate expiry gauges: the tunnel serving certificate in `tunnel_tls_dir`
+/// and the connector issuer's.
+fn record_certificate_expiry(tunnel_tls_dir: &std::path::Path, issuer: &Issuer) {
+    let Some(metrics) = crate::metrics::global() else {
+        return;
+    };
+    metrics.set_certificate_expiry("connector-issuer", issuer.not_after().unix_timestamp());
+    let tunnel = std::fs::read(tunnel_tls_dir.join("tls.crt"))
+        .ok()
+        .and_then(|pem| crate::metrics::not_after_of_pem(&pem));
+    match tunnel {
+        Some(not_after) => metrics.set_certificate_expiry("tunnel-serving", not_after),
+        None => {
+            warn!(dir = %tunnel_tls_dir.display(), "cannot read the tunnel serving certificate's expiry for the metrics")
+        }
+    }
+}
+
 async fn serve_probes(
     listener: TcpListener,
     readiness: Arc<ReadinessState>,
@@ -639,6 +728,7 @@ async fn serve_probes(
                     let (status, text) = match request.uri().path() {
                         "/livez" => (StatusCode::OK, "ok\n"),
                         "/readyz" => ready,
+                        "/metrics" => return Ok(metrics_response()),
                         _ => (StatusCode::NOT_FOUND, "not found\n"),
                     };
                     let mut response =

@@ -55,6 +55,9 @@ use crate::certs::CertificateStore;
 use crate::fleet_api::{ClientAddress, FleetApi};
 use crate::forward::{self, ClientInfo, TrustedProxies};
 use crate::pages;
+use crate::protection::{
+    Activity, ConnectionSlot, HeldBody, LimitedBody, Protection, ProtectionSettings, Refusal,
+};
 use crate::router::Router;
 use crate::{body_translation, websocket};
 
@@ -128,6 +131,8 @@ pub struct ProxyParts {
     pub replicas: watch::Receiver<Vec<String>>,
     /// Proxies in front of the fleet whose `X-Forwarded-For` tells the client's address.
     pub trusted_proxies: TrustedProxies,
+    /// The abuse limits ([`crate::protection`]).
+    pub protection: ProtectionSettings,
 }
 
 /// The proxy's shared state.
@@ -148,6 +153,8 @@ pub struct Proxy {
     draining: CancellationToken,
     /// Sign-in for OIDC apps; without it they are refused with a clear page.
     auth: ArcSwapOption<Authenticator>,
+    /// The abuse limits.
+    protection: Protection,
 }
 
 /// The connections of a serving proxy, and the signals of its drain.
@@ -211,6 +218,7 @@ impl Proxy {
             trusted_proxies: parts.trusted_proxies,
             draining: CancellationToken::new(),
             auth: ArcSwapOption::empty(),
+            protection: Protection::new(parts.protection),
         }))
     }
 
@@ -448,13 +456,27 @@ impl Proxy {
     ) {
         match accepted {
             Ok((stream, peer)) => {
+                // Load balancers carry many clients' connections: never capped.
+                let slot = if self.trusted_proxies.contains(peer.ip()) {
+                    None
+                } else {
+                    match self.protection.connections().open(peer.ip()) {
+                        Some(slot) => slot,
+                        None => {
+                            debug!(%peer, "connection refused: the peer holds its cap of open connections");
+                            crate::metrics::limited("client-connections", crate::metrics::NO_APP);
+                            drop(stream);
+                            return;
+                        }
+                    }
+                };
                 let proxy = self.clone();
                 // Counted as an HTTP connection until it turns out to be a tunnel.
                 let http = connections.http.token();
                 let signals = connections.clone();
                 connections
                     .all
-                    .spawn(proxy.connection(stream, peer, http, signals));
+                    .spawn(proxy.connection(stream, peer, http, signals, slot));
             }
             Err(error) => {
                 warn!(%error, "accept failed");
@@ -469,6 +491,7 @@ impl Proxy {
         peer: SocketAddr,
         http: TaskTrackerToken,
         connections: Arc<Connections>,
+        slot: Option<ConnectionSlot>,
     ) {
         let _ = stream.set_nodelay(true);
         let handshake = async {
@@ -486,7 +509,8 @@ impl Proxy {
             };
             start.into_stream(config).await.map(|tls| (tls, to_fleet))
         };
-        let (tls, to_fleet) = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        let handshake_timeout = self.protection.settings().handshake_timeout;
+        let (tls, to_fleet) = match tokio::time::timeout(handshake_timeout, handshake).await {
             Ok(Ok(done)) => done,
             Ok(Err(error)) => {
                 debug!(%peer, %error, "TLS handshake failed");
@@ -524,8 +548,10 @@ impl Proxy {
                 warn!(%peer, "tunnel refused: no client certificate");
                 return;
             };
-            // Tunnels outlive the user connections: they carry their last requests.
+            // Tunnels outlive the user connections: they carry their last requests. They
+            // do not count among their peer's connections either.
             drop(http);
+            drop(slot);
             self.tunnel(identity, tls, peer).await;
         } else {
             self.serve_fleet_api(tls, peer, identity, signals).await;
@@ -612,7 +638,7 @@ impl Proxy {
             request.extensions_mut().insert(ClientAddress(peer));
             async move { Ok::<_, std::convert::Infallible>(api.handle(request, identity).await) }
         });
-        serve_http(tls, service, false, signals).await;
+        serve_http(tls, service, false, signals, self.protection.settings()).await;
     }
 
     async fn serve_users(
@@ -627,11 +653,25 @@ impl Proxy {
             let client = proxy
                 .trusted_proxies
                 .client_info(peer.ip(), request.headers());
+            // Protection first: a flooding client or an overloaded replica is answered
+            // before any other work.
+            let admitted = proxy.protection.admit(client.client_ip);
             let proxy = proxy.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy.user_request(request, client).await) }
+            let answer = async move {
+                match admitted {
+                    Ok(admission) => {
+                        let response = proxy.user_request(request, client).await;
+                        response.map(|body| HeldBody::wrap(body, admission))
+                    }
+                    Err(refusal) => refused(&request, refusal, client.client_ip),
+                }
+            };
+            async move {
+                Ok::<_, std::convert::Infallible>(crate::metrics::observe_request(answer).await)
+            }
         });
         // Users' HTTP/2 connections carry WebSockets as extended CONNECT (RFC 8441).
-        serve_http(tls, service, true, signals).await;
+        serve_http(tls, service, true, signals, self.protection.settings()).await;
     }
 
     /// Answers one user request.
@@ -681,14 +721,30 @@ impl Proxy {
             return pages::not_found(accept, &request_id);
         };
         let route = matched.route;
+        crate::metrics::note_app(&route.app);
         if matched.missing_slash {
             return pages::slash_redirect(request.uri().path(), request.uri().query());
         }
         if route.maintenance_mode {
             return pages::maintenance(accept, &route.app, &request_id);
         }
+        if let Err(wait) = route.rate_limiter().check_client(client.client_ip) {
+            debug!(app = %route.app, %request_id, client = %client.client_ip, "over the app's limit per client");
+            crate::metrics::limited("app-client-ip", &route.app);
+            return pages::client_too_many_requests(accept, wait, &request_id);
+        }
+        // A body announced larger than the app takes is refused before sign-in.
+        let body_limit = self.protection.body_limit(route.max_request_body_bytes);
+        if let Some(limit) = body_limit
+            && content_length(&request).is_some_and(|length| length > limit)
+        {
+            debug!(app = %route.app, %request_id, limit, "request body over the app's limit");
+            crate::metrics::limited("body-size", &route.app);
+            return pages::payload_too_large(accept, &route.app, limit, &request_id);
+        }
         if let Err(wait) = route.rate_limiter().check() {
             debug!(app = %route.app, %request_id, client = %client.client_ip, "over the app's rate limit");
+            crate::metrics::limited("app", &route.app);
             return pages::too_many_requests(accept, &route.app, wait, &request_id);
         }
         let mut request = request;
@@ -734,7 +790,15 @@ impl Proxy {
             )
             .await;
         }
-        let mut request = request.map(body::incoming);
+        // A body without a length is cut at the limit, and the request answered 413.
+        let exceeded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut request = request.map(|incoming| {
+            let body = body::incoming(incoming);
+            match body_limit {
+                Some(limit) => LimitedBody::wrap(body, limit, Arc::clone(&exceeded)),
+                None => body,
+            }
+        });
         if route.translation.body {
             prepare_for_body_translation(request.headers_mut());
         }
@@ -759,6 +823,13 @@ impl Proxy {
             + TUNNEL_GRACE;
         let sent =
             tokio::time::timeout(limit, self.pool.send(&route.connector_group, tunneled)).await;
+        if let Some(limit) = body_limit
+            && exceeded.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            debug!(app = %route.app, %request_id, limit, "request body over the app's limit; cut");
+            crate::metrics::limited("body-size", &route.app);
+            return pages::payload_too_large(accept, &route.app, limit, &request_id);
+        }
         match sent {
             Ok(Ok(response)) => {
                 let mut response =
@@ -833,6 +904,18 @@ fn prepare_for_body_translation(headers: &mut http::HeaderMap) {
     }
 }
 
+/// The request's `Content-Length`, when it has a valid one.
+fn content_length<B>(request: &Request<B>) -> Option<u64> {
+    request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// `host[:port]` split; the port defaults to 443, as users reach apps over HTTPS.
 fn split_host_port(authority: &str) -> (&str, u16) {
     if let Some(rest) = authority.strip_prefix('[') {
@@ -876,11 +959,38 @@ fn close_after<B>(response: &mut Response<B>) {
     }
 }
 
+/// The answer to a user request that protection refused before routing.
+fn refused(
+    request: &Request<Incoming>,
+    refusal: Refusal,
+    client: std::net::IpAddr,
+) -> Response<TunnelBody> {
+    let request_id = forward::new_request_id();
+    let accept = request.headers().get(ACCEPT);
+    match refusal {
+        Refusal::ClientRate(wait) => {
+            debug!(%client, %request_id, "over the limit of requests per client");
+            crate::metrics::limited("client-ip", crate::metrics::NO_APP);
+            pages::client_too_many_requests(accept, wait, &request_id)
+        }
+        Refusal::Overloaded => {
+            debug!(%client, %request_id, "refused: the replica holds its cap of requests in flight");
+            crate::metrics::shed();
+            pages::overloaded(
+                accept,
+                crate::protection::OVERLOADED_RETRY_AFTER_SECS,
+                &request_id,
+            )
+        }
+    }
+}
+
 async fn serve_http<S>(
     tls: tokio_rustls::server::TlsStream<TcpStream>,
     service: S,
     connect_protocol: bool,
     signals: DrainSignals,
+    limits: &ProtectionSettings,
 ) where
     S: hyper::service::Service<
             Request<Incoming>,
@@ -892,19 +1002,26 @@ async fn serve_http<S>(
 {
     // HTTP/1.x responses carry `Connection: close` once the proxy drains, so that clients
     // take their next request elsewhere instead of racing the close of an idle connection.
+    // A request is in flight until its response body ends; the connection is idle
+    // otherwise, and closed after `--idle-timeout` of it.
     let draining = signals.draining.clone();
+    let activity = Activity::new();
+    let requests = Arc::clone(&activity);
     let service = service_fn(move |request: Request<Incoming>| {
         let http1 = request.version() < Version::HTTP_2;
+        let active = requests.begin();
         let answer = hyper::service::Service::call(&service, request);
         let draining = draining.clone();
         async move {
-            let mut response = answer.await?;
+            let mut response = answer.await?.map(|body| HeldBody::wrap(body, active));
             if http1 && draining.is_cancelled() {
                 close_after(&mut response);
             }
             Ok::<_, Infallible>(response)
         }
     });
+    let idle_timeout = limits.idle_timeout;
+    let idle = async move { activity.idle(idle_timeout).await };
     let io = TokioIo::new(tls);
     if signals.http2 {
         // Negotiated by ALPN: served as HTTP/2 from the first byte. (The auto builder
@@ -914,8 +1031,10 @@ async fn serve_http<S>(
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
-            .max_concurrent_streams(250)
-            .max_pending_accept_reset_streams(256);
+            .max_concurrent_streams(limits.http2.max_concurrent_streams)
+            .max_pending_accept_reset_streams(limits.http2.max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(limits.http2.max_local_error_reset_streams)
+            .max_header_list_size(limits.max_request_header_bytes);
         if connect_protocol {
             builder.enable_connect_protocol();
         }
@@ -926,6 +1045,7 @@ async fn serve_http<S>(
             connection,
             hyper::server::conn::http2::Connection::graceful_shutdown,
             go_away,
+            idle,
             signals.cut,
         )
         .await;
@@ -934,13 +1054,16 @@ async fn serve_http<S>(
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.http1_max_buf_size())
             .keep_alive(true);
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_concurrent_streams(250)
-            .max_pending_accept_reset_streams(256);
+            .max_concurrent_streams(limits.http2.max_concurrent_streams)
+            .max_pending_accept_reset_streams(limits.http2.max_pending_accept_reset_streams)
+            .max_local_error_reset_streams(limits.http2.max_local_error_reset_streams)
+            .max_header_list_size(limits.max_request_header_bytes);
         if connect_protocol {
             builder.http2().enable_connect_protocol();
         }
@@ -952,6 +1075,7 @@ async fn serve_http<S>(
             connection,
             auto::UpgradeableConnection::graceful_shutdown,
             signals.stop,
+            idle,
             signals.cut,
         )
         .await;
@@ -959,11 +1083,12 @@ async fn serve_http<S>(
 }
 
 /// Serves `connection` to its end: shut down gracefully with `graceful` once `go_away`
-/// is cancelled, cut once `cut` is.
+/// is cancelled or the connection was `idle` too long, cut once `cut` is.
 async fn drive<C, E>(
     mut connection: Pin<&mut C>,
     graceful: fn(Pin<&mut C>),
     go_away: CancellationToken,
+    idle: impl Future<Output = ()>,
     cut: CancellationToken,
 ) where
     C: Future<Output = Result<(), E>>,
@@ -972,6 +1097,10 @@ async fn drive<C, E>(
     let finished = tokio::select! {
         result = connection.as_mut() => Some(result),
         () = go_away.cancelled() => None,
+        () = idle => {
+            debug!("connection idle too long; closing it");
+            None
+        }
         () = cut.cancelled() => return,
     };
     let result = match finished {

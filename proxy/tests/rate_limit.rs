@@ -58,6 +58,7 @@ async fn an_app_over_its_rate_limit_gets_429_with_retry_after_and_recovers() {
         limited.rate_limit = RateLimit {
             requests_per_second: 1,
             burst: 2,
+            per_client_ip: None,
         };
         let other = route(
             "team-a/other",

@@ -2,6 +2,8 @@
 //! way, shutdown on SIGTERM or SIGINT, and duration arguments written like Kubernetes
 //! durations (`30s`, `1h30m`).
 
+pub mod metrics;
+
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;

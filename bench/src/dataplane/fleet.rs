@@ -52,6 +52,8 @@ pub struct FleetOptions {
     pub log_filter: String,
     /// `--tunnels-per-replica` of the connector.
     pub tunnels: u16,
+    /// Further `sallyport-proxy run` flags (e.g. its abuse limits).
+    pub proxy_args: Vec<String>,
 }
 
 /// The backend, the proxy and the connector, running; all killed when dropped.
@@ -218,31 +220,34 @@ impl Fleet {
         let group_id = format!("{NAMESPACE}/{GROUP}");
         let path = |p: &Path| p.display().to_string();
         eprintln!("dataplane: starting the proxy on {proxy_address}");
+        let mut proxy_args = [
+            "run",
+            "--listen",
+            &proxy_address.to_string(),
+            "--probe-address",
+            &probe_address.to_string(),
+            "--fleet-config-file",
+            &path(&fleet_config),
+            "--tls-dir",
+            &path(&tls_dir),
+            "--registration-token",
+            &format!("{group_id}={token}"),
+            "--tunnel-hostname",
+            TUNNEL_HOST,
+            "--tunnel-tls-dir",
+            &path(&fleet_pki.tunnel_tls_dir),
+            "--connector-issuer-dir",
+            &path(&fleet_pki.connector_issuer_dir),
+            "--replica",
+            "bench-proxy",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        proxy_args.extend(options.proxy_args.iter().cloned());
         let mut proxy = ChildProcess::start(
             "sallyport-proxy",
             &binaries.proxy,
-            &[
-                "run",
-                "--listen",
-                &proxy_address.to_string(),
-                "--probe-address",
-                &probe_address.to_string(),
-                "--fleet-config-file",
-                &path(&fleet_config),
-                "--tls-dir",
-                &path(&tls_dir),
-                "--registration-token",
-                &format!("{group_id}={token}"),
-                "--tunnel-hostname",
-                TUNNEL_HOST,
-                "--tunnel-tls-dir",
-                &path(&fleet_pki.tunnel_tls_dir),
-                "--connector-issuer-dir",
-                &path(&fleet_pki.connector_issuer_dir),
-                "--replica",
-                "bench-proxy",
-            ]
-            .map(str::to_owned),
+            &proxy_args,
             &[("RUST_LOG", &options.log_filter)],
             &dir.join("proxy.log"),
         )?;

@@ -196,6 +196,10 @@ async fn measure(
         chunk_kib: args.chunk_kib,
         log_filter: args.log_filter.clone(),
         tunnels: args.tunnels,
+        // oha's users all come from 127.0.0.1: no limit per client address.
+        proxy_args: ["--client-requests-per-second", "0"]
+            .map(str::to_owned)
+            .to_vec(),
     };
     let mut fleet = Fleet::start(dir, binaries, &options).await?;
     eprintln!(

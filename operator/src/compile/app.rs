@@ -191,6 +191,25 @@ pub(super) fn compile_app(
             "spec.rateLimit must allow at least 1 request/s, with a burst no smaller than requestsPerSecond",
         ));
     }
+    if let Some(per_client) = &rate_limit.per_client_ip
+        && (per_client.requests_per_second == 0
+            || per_client.burst < per_client.requests_per_second)
+    {
+        problems.push(Problem::new(
+            "InvalidField",
+            "spec.rateLimit.perClientIp must allow at least 1 request/s, with a burst no smaller than requestsPerSecond",
+        ));
+    }
+    let max_request_body_bytes = spec
+        .limits
+        .as_ref()
+        .and_then(|limits| limits.max_request_body_bytes);
+    if max_request_body_bytes == Some(0) {
+        problems.push(Problem::new(
+            "InvalidField",
+            "spec.limits.maxRequestBodyBytes must be at least 1 (omit it for the fleet's limit)",
+        ));
+    }
     if let Some(problem) = Problem::combine(problems) {
         return Err(problem);
     }
@@ -224,6 +243,7 @@ pub(super) fn compile_app(
         },
         maintenance_mode: spec.maintenance_mode,
         rate_limit,
+        max_request_body_bytes,
     })
 }
 

@@ -91,6 +91,7 @@ impl Default for FleetDefaults {
             rate_limit: RateLimit {
                 requests_per_second: 500,
                 burst: 1000,
+                per_client_ip: None,
             },
         }
     }

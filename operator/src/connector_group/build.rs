@@ -11,8 +11,8 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, PodSpec,
-    PodTemplateSpec, Secret, SecretKeySelector, ServiceAccount, Volume, VolumeMount,
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector,
+    PodSpec, PodTemplateSpec, Secret, SecretKeySelector, ServiceAccount, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -264,6 +264,10 @@ pub fn token_secret(
     }
 }
 
+/// The port a connector pod serves `/metrics` on (container port `metrics`), for a
+/// PodMonitor or scrape annotations to find.
+pub const CONNECTOR_METRICS_PORT: i32 = 9090;
+
 /// The connector Deployment of `group`: a hardened pod (non-root, read-only root
 /// filesystem, no capabilities, RuntimeDefault seccomp) that registers with the group's
 /// token and keeps its state in one of the group's state slots, as the group's
@@ -345,9 +349,19 @@ pub fn connector_deployment(
                 "SALLYPORT_STATE_SECRETS",
                 state_slot_names(&name, spec.replicas).join(","),
             ),
+            env(
+                "SALLYPORT_METRICS_ADDRESS",
+                format!("0.0.0.0:{CONNECTOR_METRICS_PORT}"),
+            ),
             pod_field("POD_NAME", "metadata.name"),
             pod_field("POD_NAMESPACE", "metadata.namespace"),
         ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".to_owned()),
+            container_port: CONNECTOR_METRICS_PORT,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
         resources: spec.resources.clone(),
         security_context: Some(hardened_container()),
         volume_mounts: Some(vec![VolumeMount {
@@ -681,6 +695,17 @@ mod tests {
             )
         );
         assert_eq!(env("SALLYPORT_STATE_DIR"), None);
+        assert_eq!(
+            env("SALLYPORT_METRICS_ADDRESS").as_deref(),
+            Some("0.0.0.0:9090")
+        );
+        let ports: Vec<_> = container
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.as_deref(), p.container_port))
+            .collect();
+        assert_eq!(ports, [(Some("metrics"), 9090)]);
         let field = |name: &str| {
             container
                 .env

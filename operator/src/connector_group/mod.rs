@@ -49,9 +49,11 @@ pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<
     // The registration token.
     let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &namespace);
     let existing_secret = secrets.get_opt(&token_secret_name(&name)).await?;
+    let mut minted = None;
     let (token, issued_at) = match build::plan_token(&group, existing_secret.as_ref(), now) {
         TokenPlan::Keep { token, issued_at } => (token, issued_at),
         TokenPlan::Mint(reason) => {
+            minted = Some(reason);
             info!(%namespace, %name, reason, "minting a registration token");
             let event = Event {
                 type_: EventType::Normal,
@@ -77,6 +79,26 @@ pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<
         .map(|pem| pem.0);
     let desired_secret = build::token_secret(&group, &token, issued_at, fleet_ca.as_deref());
     apply_if_changed(&secrets, desired_secret, existing_secret.as_ref()).await?;
+    if let Some(reason) = minted {
+        sallyport_events::audit(
+            sallyport_events::AuditEvent::new(
+                "connectorGroup.tokenIssued",
+                sallyport_events::ObjectRef::namespaced("ConnectorGroup", &namespace, &name),
+                sallyport_events::Outcome::Success,
+            )
+            .reason(if existing_secret.is_some() {
+                "TokenRotated"
+            } else {
+                "TokenIssued"
+            })
+            .message(format!(
+                "new registration token in Secret {}: {reason}",
+                token_secret_name(&name)
+            ))
+            .detail("secret", token_secret_name(&name))
+            .detail("issuedAt", issued_at.to_string()),
+        );
+    }
 
     // The connector Deployment with its state slots and identity, and nothing else
     // labelled for this group.

@@ -35,6 +35,7 @@ use sallyport_proxy::certs::{CertificateStore, certified_key_from_pem};
 use sallyport_proxy::fleet_api::FleetApi;
 use sallyport_proxy::forward::TrustedProxies;
 use sallyport_proxy::issuer::Issuer;
+use sallyport_proxy::protection::ProtectionSettings;
 use sallyport_proxy::registry::MemoryRegistry;
 use sallyport_proxy::serve::{DrainSettings, Proxy, ProxyParts};
 use sallyport_tunnel::ConnectorIdentity;
@@ -278,6 +279,8 @@ pub struct FleetSettings {
     pub backends_trust_root: bool,
     /// The proxy's drain settings; `serve::Proxy::serve`'s when `None`.
     pub drain: Option<DrainSettings>,
+    /// The proxy's abuse limits.
+    pub protection: ProtectionSettings,
 }
 
 /// A proxy on 127.0.0.1 with one connector of [`GROUP`] tunnelled to it. Dropping it
@@ -350,6 +353,7 @@ impl Fleet {
             pool: TunnelPool::new(PoolSettings::default()),
             replicas,
             trusted_proxies: settings.trusted_proxies,
+            protection: settings.protection,
         }));
         let shutdown = CancellationToken::new();
         let served = match settings.drain {
