@@ -23,6 +23,7 @@ pub mod args;
 pub mod audit;
 pub mod backoff;
 pub mod id;
+pub mod metrics;
 pub mod otlp;
 pub mod pipeline;
 pub mod queue;
@@ -33,6 +34,7 @@ use std::sync::{Arc, OnceLock};
 pub use args::EventArgs;
 pub use audit::{AUDIT_SCHEMA, Actor, AuditEvent, ObjectRef, Outcome};
 pub use id::new_event_id;
+pub use metrics::EventMetrics;
 pub use pipeline::{Events, PipelineError, Record, Severity, SinkStats};
 pub use sink::{Encoding, SinkSettings};
 

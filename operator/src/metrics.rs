@@ -52,6 +52,8 @@ pub struct Metrics {
     desired: IntGaugeVec,
     app_ready: IntGaugeVec,
     certificate_expiry: IntGaugeVec,
+    /// Delivery of audit events to SIEM sinks.
+    events: sallyport_events::EventMetrics,
     objects: Arc<OnceLock<ObjectCaches>>,
 }
 
@@ -131,7 +133,9 @@ impl Metrics {
             "When a certificate of the fleet's PKI expires (notAfter), in Unix seconds, by Secret.",
             &["secret"],
         )?;
+        let events = sallyport_events::EventMetrics::register(&registry)?;
         Ok(Self {
+            events,
             registry,
             reconciles,
             failures,
@@ -249,9 +253,15 @@ impl Metrics {
     /// Every metric in the Prometheus text exposition format.
     pub fn encode(&self) -> Result<String, MetricsError> {
         self.refresh_objects();
+        self.events.update(sallyport_events::global());
+        let [delivered, dropped, rejected, pending] = self.events.collectors();
         sallyport_service::metrics::encode(
             &self.registry,
             &[
+                delivered,
+                dropped,
+                rejected,
+                pending,
                 &self.reconciles,
                 &self.failures,
                 &self.duration,

@@ -76,6 +76,8 @@ pub struct ProxyMetrics {
     shed: IntCounter,
     risk: IntCounterVec,
     certificate_expiry: IntGaugeVec,
+    /// Delivery of sign-in and audit events to SIEM sinks.
+    events: sallyport_events::EventMetrics,
     /// The replica's tunnel pool, once there is one: [`ProxyMetrics::encode`] counts its
     /// tunnels.
     pool: Arc<OnceLock<TunnelPool>>,
@@ -107,7 +109,7 @@ impl ProxyMetrics {
         )?;
         let limited = counter(
             "sallyport_proxy_requests_limited_total",
-            "Requests refused with 429 by an abuse limit, by limit kind (app, client-ip, ...) and app.",
+            "Requests and connections refused by an abuse limit (429, 413, or a connection closed at accept), by limit kind (app, app-client-ip, client-ip, client-connections, body-size) and app.",
             &["kind", "app"],
         )?;
         let risk = counter(
@@ -157,6 +159,7 @@ impl ProxyMetrics {
                 )
             },
         )?;
+        let events = sallyport_events::EventMetrics::register(&registry)?;
         // Every result from the start, at 0: rates and alerts over them need a series.
         for result in SIGN_IN_RESULTS {
             sign_ins.with_label_values(&[result]);
@@ -172,6 +175,7 @@ impl ProxyMetrics {
             shed,
             risk,
             certificate_expiry,
+            events,
             pool: Arc::new(OnceLock::new()),
         })
     }
@@ -243,9 +247,15 @@ impl ProxyMetrics {
                     .set(i64::try_from(count).unwrap_or(i64::MAX));
             }
         }
+        self.events.update(sallyport_events::global());
+        let [delivered, dropped, rejected, pending] = self.events.collectors();
         sallyport_service::metrics::encode(
             &self.registry,
             &[
+                delivered,
+                dropped,
+                rejected,
+                pending,
                 &self.requests,
                 &self.duration,
                 &self.tunnels,
