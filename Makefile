@@ -101,7 +101,7 @@ bench-dataplane: bench-build ## S1, S3: direct vs proxy + connector, A B A B; op
 	$(CARGO_TARGET_DIR)/release/sallyport-bench dataplane --oha "$$(bash bench/install-tools.sh)" $(BENCH_DATAPLANE_ARGS)
 
 .PHONY: bench-flood
-bench-flood: bench-build ## Flood: legitimate users from 127.0.0.1 next to a flood from 127.0.0.2..; options in BENCH_FLOOD_ARGS="--duration 20"
+bench-flood: bench-build ## Flood: legitimate users (closed loop, from 127.0.1.1..) next to a flood from 127.0.0.2..; options in BENCH_FLOOD_ARGS="--duration 20"
 	$(CARGO_TARGET_DIR)/release/sallyport-bench flood $(BENCH_FLOOD_ARGS)
 
 .PHONY: bench-policy

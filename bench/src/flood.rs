@@ -2,19 +2,28 @@
 //!
 //! The system under test is the data-plane benchmark's ([`crate::dataplane::fleet`]):
 //! a backend, `sallyport-proxy run` standalone and `sallyport-connector run`, on
-//! loopback. Legitimate traffic comes from 127.0.0.1: `--users` users, each on one
-//! keep-alive connection sending a small GET every `1 / --user-rate` seconds (a user
-//! with think time, under the default 100 requests per second per address). The flood
-//! comes from `--flood-addresses` other addresses (127.0.0.2 onwards), each with
-//! `--flood-connections` connections sending GETs back to back, as fast as answers come,
-//! ignoring `Retry-After`, reconnecting when closed.
+//! loopback. Legitimate traffic comes from `--users` users, each from an address of its
+//! own (127.0.1.1 onwards, [`user_address`]) on one keep-alive connection. With
+//! `--user-mode max` (the default) every user sends its next small GET as soon as the
+//! last one is answered (a closed loop: what the users get is what the fleet serves
+//! them); with `--user-mode fixed` every `1 / --user-rate` seconds (a user with think
+//! time). The flood comes from `--flood-addresses` other addresses (127.0.0.2 onwards),
+//! each with `--flood-connections` connections sending GETs back to back, as fast as
+//! answers come, ignoring `Retry-After`, reconnecting when closed.
 //!
-//! Phases of `--duration` seconds each: the users alone, then users and flood, against
-//! the proxy with its default limits; then (unless `--skip-unprotected`) users and flood
-//! against a proxy with the per-client rate, in-flight and connection caps turned off.
-//! The users' served requests per second, success ratio and latency are reported with
-//! what the flood got (answers by status, connection failures). The flood runs on its
-//! own thread (its own runtime), so that the users' client is not queued behind it.
+//! The per-client limits of the proxy count the users too: a user is one address, so a
+//! closed-loop user faster than `--client-requests-per-second` (100 by default) gets 429
+//! like a flooder. The users are many so that each stays under it; the phases without
+//! limits show what they get when it cannot bite.
+//!
+//! Phases of `--duration` seconds each, against the proxy with its default limits and
+//! then (unless `--skip-unprotected`) against a proxy with the per-client rate,
+//! in-flight and connection caps turned off: the users alone, then users and flood. The
+//! users' served requests per second, success ratio and latency are reported with what
+//! the flood got (answers by status, connection failures). The flood runs on its own
+//! thread (its own runtime), so that the users' client is not queued behind it. The
+//! flood is bounded: `--flood-addresses` x `--flood-connections` connections for
+//! `--duration` seconds.
 //!
 //! It measures and reports; nothing is asserted about timing.
 
@@ -25,18 +34,37 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use clap::Args;
-use http::{Request, StatusCode};
+use clap::{Args, ValueEnum};
+use http::{HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use serde::Serialize;
 use tokio::net::TcpSocket;
 
 use crate::dataplane::DataplaneError;
+use crate::dataplane::backend::SMALL_BODY;
 use crate::dataplane::client::Target;
 use crate::dataplane::fleet::{APP_HOST, Binaries, Fleet, FleetOptions};
 use crate::machine::Machine;
+use crate::stats;
+
+/// How long a user waits for one answer (or a connection) before counting a timeout.
+const USER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Users per /24 of their addresses (127.0.1.1-250, 127.0.2.1-250, ...).
+const USERS_PER_NETWORK: u32 = 250;
+
+/// How the legitimate users send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UserMode {
+    /// Closed loop: the next request as soon as the last one is answered.
+    Max,
+    /// One request every `1 / --user-rate` seconds (later when an answer takes longer).
+    Fixed,
+}
 
 /// Options of `sallyport-bench flood`.
 #[derive(Clone, Debug, Args)]
@@ -45,11 +73,17 @@ pub struct FloodArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub duration: u64,
 
-    /// Legitimate users on 127.0.0.1, one keep-alive connection each.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    /// Legitimate users, each from its own address (127.0.1.1 onwards, 250 per /24) on
+    /// one keep-alive connection.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub users: u32,
 
-    /// Requests per second of each legitimate user.
+    /// How the users send: `max`, back to back (closed loop, the fleet's capacity for
+    /// them), or `fixed`, --user-rate requests per second each.
+    #[arg(long, value_enum, default_value_t = UserMode::Max)]
+    pub user_mode: UserMode,
+
+    /// Requests per second of each legitimate user with `--user-mode fixed`.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub user_rate: u32,
 
@@ -61,7 +95,7 @@ pub struct FloodArgs {
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub flood_connections: u32,
 
-    /// Skip the phase against a proxy without per-client and in-flight limits.
+    /// Skip the phases against a proxy without per-client and in-flight limits.
     #[arg(long)]
     pub skip_unprotected: bool,
 
@@ -85,14 +119,20 @@ pub struct FloodArgs {
 /// What the legitimate users got in one phase.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct UsersResult {
-    /// Requests sent.
+    /// Requests that ended within the phase (answered, failed or timed out).
     pub sent: u64,
     /// Answered 200 with the backend's body.
     pub ok: u64,
-    /// Answers by status (other than 200), and `error` for failed exchanges.
+    /// Failures by kind: the status of an answer other than 200, `200 other body`,
+    /// `error` (the exchange failed, e.g. the connection was closed), `timeout` (no
+    /// answer within 10 s), `connect` (the connection could not be opened).
     pub failed: BTreeMap<String, u64>,
+    /// Requests still waiting for their answer when the phase ended (not in `sent`).
+    pub unfinished: u64,
     /// `ok` per second of the phase.
     pub ok_per_s: f64,
+    /// `ok_per_s` per user (to hold against the per-client limit).
+    pub ok_per_s_per_user: f64,
     /// `ok / sent`.
     pub success_ratio: f64,
     /// Median latency of the successful requests, milliseconds.
@@ -126,6 +166,61 @@ pub struct Phase {
     pub users: UsersResult,
     /// The flood, when one ran.
     pub flood: Option<FloodResult>,
+    /// CPU seconds used during the phase, by process.
+    pub cpu: CpuSeconds,
+}
+
+/// CPU seconds (user and system) during one phase, from `/proc`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CpuSeconds {
+    /// The proxy.
+    pub proxy: f64,
+    /// The connector.
+    pub connector: f64,
+    /// The backend.
+    pub backend: f64,
+    /// This process: the users' client and the flood's generator.
+    pub clients: f64,
+    /// The whole machine, all CPUs (other processes included).
+    pub machine: f64,
+    /// The phase's wall-clock seconds times the CPUs: what the machine had.
+    pub available: f64,
+}
+
+/// CPU time used so far, by process.
+struct CpuSnapshot {
+    at: Instant,
+    proxy: Duration,
+    connector: Duration,
+    backend: Duration,
+    clients: Duration,
+    machine: Duration,
+}
+
+impl CpuSnapshot {
+    fn take(fleet: &Fleet) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            at: Instant::now(),
+            proxy: fleet.proxy.cpu_time()?,
+            connector: fleet.connector.cpu_time()?,
+            backend: fleet.backend.cpu_time()?,
+            clients: crate::procfs::own_cpu_time()?,
+            machine: crate::dataplane::cpu::machine_busy(),
+        })
+    }
+
+    /// What was used from `self` until `later`, on a machine of `cpus` CPUs.
+    fn until(&self, later: &Self, cpus: usize) -> CpuSeconds {
+        let used = |from: Duration, to: Duration| stats::seconds(to.saturating_sub(from));
+        CpuSeconds {
+            proxy: used(self.proxy, later.proxy),
+            connector: used(self.connector, later.connector),
+            backend: used(self.backend, later.backend),
+            clients: used(self.clients, later.clients),
+            machine: used(self.machine, later.machine),
+            available: stats::seconds(later.at.saturating_duration_since(self.at) * cpus as u32),
+        }
+    }
 }
 
 /// The run.
@@ -135,10 +230,12 @@ pub struct FloodReport {
     pub machine: Machine,
     /// Seconds per phase.
     pub duration_s: u64,
-    /// Users and their rate.
+    /// Legitimate users (one address each).
     pub users: u32,
-    /// Requests per second per user.
-    pub user_rate: u32,
+    /// How they sent.
+    pub user_mode: UserMode,
+    /// Requests per second per user, with [`UserMode::Fixed`].
+    pub user_rate: Option<u32>,
     /// Flooding addresses.
     pub flood_addresses: u8,
     /// Connections per flooding address.
@@ -147,7 +244,7 @@ pub struct FloodReport {
     pub phases: Vec<Phase>,
 }
 
-/// The flags of the proxy without request limits (the unprotected phase).
+/// The flags of the proxy without request limits (the unprotected phases).
 const UNPROTECTED: [&str; 6] = [
     "--client-requests-per-second",
     "0",
@@ -156,6 +253,19 @@ const UNPROTECTED: [&str; 6] = [
     "--max-connections-per-client",
     "0",
 ];
+
+/// The address of user `index` (from 0): 127.0.1.1 to 127.0.1.250, then 127.0.2.1 on;
+/// clear of the flood's 127.0.0.x.
+pub fn user_address(index: u32) -> IpAddr {
+    let network = 1 + index / USERS_PER_NETWORK;
+    let host = 1 + index % USERS_PER_NETWORK;
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        0,
+        u8::try_from(network).unwrap_or(u8::MAX),
+        u8::try_from(host).unwrap_or(u8::MAX),
+    ))
+}
 
 fn locate(explicit: Option<&PathBuf>, name: &'static str) -> Result<PathBuf, DataplaneError> {
     let bench = std::env::current_exe().map_err(DataplaneError::io("finding this executable"))?;
@@ -188,6 +298,7 @@ pub fn run(args: &FloodArgs) -> Result<FloodReport, DataplaneError> {
         .enable_all()
         .build()
         .map_err(DataplaneError::io("starting the async runtime"))?;
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let mut phases = Vec::new();
     let protected: &[&str] = &[];
     let fleets: &[(&str, &[&str])] = if args.skip_unprotected {
@@ -195,7 +306,7 @@ pub fn run(args: &FloodArgs) -> Result<FloodReport, DataplaneError> {
     } else {
         &[("default limits", protected), ("limits off", &UNPROTECTED)]
     };
-    for (index, (label, proxy_args)) in fleets.iter().enumerate() {
+    for (label, proxy_args) in fleets {
         let dir = tempfile::Builder::new()
             .prefix("sallyport-bench-flood-")
             .tempdir()
@@ -209,27 +320,33 @@ pub fn run(args: &FloodArgs) -> Result<FloodReport, DataplaneError> {
         };
         runtime.block_on(async {
             let mut fleet = Fleet::start(dir.path(), &binaries, &options).await?;
-            if index == 0 {
-                eprintln!("flood: users alone ({label})");
-                let users = users(args, &fleet.via_proxy).await;
-                phases.push(Phase {
-                    name: format!("users alone, {label}"),
-                    users,
-                    flood: None,
-                });
-            }
+            let link = Link::to(&fleet)?;
+            eprintln!("flood: users alone ({label})");
+            let before = CpuSnapshot::take(&fleet)?;
+            let users = legitimate_users(args, &link).await;
+            fleet.check_running()?;
+            let after = CpuSnapshot::take(&fleet)?;
+            phases.push(Phase {
+                name: format!("users alone, {label}"),
+                users,
+                flood: None,
+                cpu: before.until(&after, cpus),
+            });
             eprintln!("flood: users and flood ({label})");
-            let flood = start_flood(args, &fleet)?;
-            let users = users(args, &fleet.via_proxy).await;
+            let before = CpuSnapshot::take(&fleet)?;
+            let flood = start_flood(args, link.clone());
+            let users = legitimate_users(args, &link).await;
             let flood = flood.join().map_err(|_| DataplaneError::Client {
                 what: "the flood thread".to_owned(),
                 message: "panicked".to_owned(),
             })??;
             fleet.check_running()?;
+            let after = CpuSnapshot::take(&fleet)?;
             phases.push(Phase {
                 name: format!("users and flood, {label}"),
                 users,
                 flood: Some(flood),
+                cpu: before.until(&after, cpus),
             });
             Ok::<_, DataplaneError>(())
         })?;
@@ -238,104 +355,207 @@ pub fn run(args: &FloodArgs) -> Result<FloodReport, DataplaneError> {
         machine: Machine::here(),
         duration_s: args.duration,
         users: args.users,
-        user_rate: args.user_rate,
+        user_mode: args.user_mode,
+        user_rate: (args.user_mode == UserMode::Fixed).then_some(args.user_rate),
         flood_addresses: args.flood_addresses,
         flood_connections: args.flood_connections,
         phases,
     })
 }
 
+/// How users and flooders reach the app through the proxy: TLS trusting the app's
+/// certificate, SNI and `Host` the app's.
+#[derive(Clone)]
+struct Link {
+    proxy: SocketAddr,
+    tls: tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
+    host: HeaderValue,
+}
+
+impl Link {
+    fn to(fleet: &Fleet) -> Result<Self, DataplaneError> {
+        let Target::Proxy { tls, port, .. } = fleet.via_proxy.clone() else {
+            return Err(DataplaneError::Client {
+                what: "the flood".to_owned(),
+                message: "needs the proxy target".to_owned(),
+            });
+        };
+        Ok(Self {
+            proxy: fleet.proxy_address,
+            tls: tokio_rustls::TlsConnector::from(tls),
+            name: ServerName::try_from(APP_HOST.to_owned())
+                .map_err(DataplaneError::client("the app's host name"))?,
+            host: HeaderValue::try_from(format!("{APP_HOST}:{port}"))
+                .map_err(DataplaneError::client("the app's Host header"))?,
+        })
+    }
+
+    /// One HTTP/1.1 connection from `from` (TCP, TLS, handshake).
+    async fn open(&self, from: IpAddr) -> std::io::Result<SendRequest<Empty<Bytes>>> {
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(from, 0))?;
+        let tcp = socket.connect(self.proxy).await?;
+        let _ = tcp.set_nodelay(true);
+        let stream = self.tls.connect(self.name.clone(), tcp).await?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                .await
+                .map_err(std::io::Error::other)?;
+        tokio::spawn(connection);
+        Ok(sender)
+    }
+
+    /// `GET /` on `sender`: the status and the body.
+    async fn get(
+        &self,
+        sender: &mut SendRequest<Empty<Bytes>>,
+    ) -> Result<(StatusCode, Bytes), hyper::Error> {
+        sender.ready().await?;
+        // GET / (the defaults of a request).
+        let mut request = Request::new(Empty::new());
+        request
+            .headers_mut()
+            .insert(http::header::HOST, self.host.clone());
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, body))
+    }
+}
+
+/// What one user got.
+#[derive(Default)]
+struct UserOutcome {
+    sent: u64,
+    ok: u64,
+    failed: BTreeMap<String, u64>,
+    unfinished: u64,
+    latencies: Vec<Duration>,
+}
+
+impl UserOutcome {
+    fn fail(&mut self, kind: impl Into<String>) {
+        self.sent += 1;
+        *self.failed.entry(kind.into()).or_default() += 1;
+    }
+}
+
 /// The legitimate users for `--duration`: what they got.
-async fn users(args: &FloodArgs, target: &Target) -> UsersResult {
+async fn legitimate_users(args: &FloodArgs, link: &Link) -> UsersResult {
     let duration = Duration::from_secs(args.duration);
     let started = Instant::now();
     let deadline = started + duration;
-    let interval = Duration::from_secs_f64(1.0 / f64::from(args.user_rate));
+    let pace = match args.user_mode {
+        UserMode::Max => None,
+        UserMode::Fixed => Some(Duration::from_secs_f64(1.0 / f64::from(args.user_rate))),
+    };
     let tasks: Vec<_> = (0..args.users)
-        .map(|_| {
-            let target = target.clone();
-            tokio::spawn(async move {
-                let mut outcomes: Vec<Result<(StatusCode, bool, Duration), ()>> = Vec::new();
-                let mut connection = None;
-                let mut ticks = tokio::time::interval(interval);
-                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                while Instant::now() < deadline {
-                    ticks.tick().await;
-                    if connection.is_none() {
-                        connection = target.connect().await.ok();
-                    }
-                    let Some(open) = connection.as_mut() else {
-                        outcomes.push(Err(()));
-                        continue;
-                    };
-                    match open.get("/", Duration::from_secs(10)).await {
-                        Ok(answer) => outcomes.push(Ok((
-                            answer.status,
-                            answer.head.as_bytes() == crate::dataplane::backend::SMALL_BODY,
-                            answer.elapsed,
-                        ))),
-                        Err(_) => {
-                            connection = None;
-                            outcomes.push(Err(()));
-                        }
-                    }
-                }
-                outcomes
-            })
+        .map(|index| {
+            tokio::spawn(user(
+                user_address(index),
+                link.clone(),
+                pace,
+                tokio::time::Instant::from_std(deadline),
+            ))
         })
         .collect();
     let mut result = UsersResult::default();
     let mut latencies = Vec::new();
     for task in tasks {
-        let Ok(outcomes) = task.await else { continue };
-        for outcome in outcomes {
-            result.sent += 1;
-            match outcome {
-                Ok((StatusCode::OK, true, elapsed)) => {
-                    result.ok += 1;
-                    latencies.push(elapsed.as_secs_f64() * 1000.0);
-                }
-                Ok((status, _, _)) => {
-                    *result
-                        .failed
-                        .entry(status.as_u16().to_string())
-                        .or_default() += 1
-                }
-                Err(()) => *result.failed.entry("error".to_owned()).or_default() += 1,
-            }
+        let Ok(outcome) = task.await else { continue };
+        result.sent += outcome.sent;
+        result.ok += outcome.ok;
+        result.unfinished += outcome.unfinished;
+        for (kind, count) in outcome.failed {
+            *result.failed.entry(kind).or_default() += count;
         }
+        latencies.extend(outcome.latencies);
     }
     let seconds = started.elapsed().as_secs_f64().max(1e-9);
     result.ok_per_s = result.ok as f64 / seconds;
+    result.ok_per_s_per_user = result.ok_per_s / f64::from(args.users);
     result.success_ratio = if result.sent == 0 {
         0.0
     } else {
         result.ok as f64 / result.sent as f64
     };
-    latencies.sort_by(f64::total_cmp);
-    let percentile = |p: f64| {
-        let index = ((latencies.len() as f64 - 1.0) * p).round().max(0.0) as usize;
-        latencies.get(index).copied().unwrap_or(0.0)
-    };
-    result.p50_ms = percentile(0.5);
-    result.p99_ms = percentile(0.99);
+    result.p50_ms = stats::quantile(&latencies, 0.5).map_or(0.0, stats::millis);
+    result.p99_ms = stats::quantile(&latencies, 0.99).map_or(0.0, stats::millis);
     result
+}
+
+/// One user from `from` on one keep-alive connection (reopened when it fails) until
+/// `deadline`: back to back, or one request per `pace`.
+async fn user(
+    from: IpAddr,
+    link: Link,
+    pace: Option<Duration>,
+    deadline: tokio::time::Instant,
+) -> UserOutcome {
+    let mut outcome = UserOutcome::default();
+    let mut ticks = pace.map(|pace| {
+        let mut ticks = tokio::time::interval(pace);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks
+    });
+    let mut connection = None;
+    while tokio::time::Instant::now() < deadline {
+        if let Some(ticks) = ticks.as_mut() {
+            ticks.tick().await;
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        let within = deadline.min(tokio::time::Instant::now() + USER_TIMEOUT);
+        let sender = match connection.as_mut() {
+            Some(sender) => sender,
+            None => match tokio::time::timeout_at(within, link.open(from)).await {
+                Ok(Ok(sender)) => connection.insert(sender),
+                Err(_) if tokio::time::Instant::now() >= deadline => break,
+                Ok(Err(_)) | Err(_) => {
+                    outcome.fail("connect");
+                    if pace.is_none() {
+                        // Not a tight loop of refused connections.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    continue;
+                }
+            },
+        };
+        let sent = Instant::now();
+        match tokio::time::timeout_at(within, link.get(sender)).await {
+            Ok(Ok((StatusCode::OK, body))) if body.as_ref() == SMALL_BODY => {
+                outcome.sent += 1;
+                outcome.ok += 1;
+                outcome.latencies.push(sent.elapsed());
+            }
+            Ok(Ok((StatusCode::OK, _))) => outcome.fail("200 other body"),
+            Ok(Ok((status, _))) => outcome.fail(status.as_u16().to_string()),
+            Ok(Err(_)) => {
+                outcome.fail("error");
+                connection = None;
+            }
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                outcome.unfinished += 1;
+                break;
+            }
+            Err(_) => {
+                outcome.fail("timeout");
+                connection = None;
+            }
+        }
+    }
+    outcome
 }
 
 /// Starts the flood on its own thread for `--duration`; joins to what it got.
 fn start_flood(
     args: &FloodArgs,
-    fleet: &Fleet,
-) -> Result<std::thread::JoinHandle<Result<FloodResult, DataplaneError>>, DataplaneError> {
-    let Target::Proxy { tls, port, .. } = fleet.via_proxy.clone() else {
-        return Err(DataplaneError::Client {
-            what: "the flood".to_owned(),
-            message: "needs the proxy target".to_owned(),
-        });
-    };
-    let proxy = fleet.proxy_address;
+    link: Link,
+) -> std::thread::JoinHandle<Result<FloodResult, DataplaneError>> {
     let args = args.clone();
-    Ok(std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -344,19 +564,11 @@ fn start_flood(
             let duration = Duration::from_secs(args.duration);
             let started = Instant::now();
             let deadline = started + duration;
-            let connector = tokio_rustls::TlsConnector::from(tls);
-            let host = format!("{APP_HOST}:{port}");
             let mut tasks = Vec::new();
             for address in 0..args.flood_addresses {
                 let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + address));
                 for _ in 0..args.flood_connections {
-                    tasks.push(tokio::spawn(flood_connection(
-                        from,
-                        proxy,
-                        connector.clone(),
-                        host.clone(),
-                        deadline,
-                    )));
+                    tasks.push(tokio::spawn(flood_connection(from, link.clone(), deadline)));
                 }
             }
             let mut result = FloodResult::default();
@@ -373,55 +585,23 @@ fn start_flood(
             result.served_per_s = result.statuses.get(&200).copied().unwrap_or(0) as f64 / seconds;
             Ok(result)
         })
-    }))
+    })
 }
 
 /// One flooding connection from `from`, reopened whenever it fails, until `deadline`.
-async fn flood_connection(
-    from: IpAddr,
-    proxy: SocketAddr,
-    tls: tokio_rustls::TlsConnector,
-    host: String,
-    deadline: Instant,
-) -> FloodResult {
+async fn flood_connection(from: IpAddr, link: Link, deadline: Instant) -> FloodResult {
     let mut result = FloodResult::default();
-    let Ok(name) = ServerName::try_from(APP_HOST.to_owned()) else {
-        return result;
-    };
     let until = tokio::time::Instant::from_std(deadline);
     while Instant::now() < deadline {
-        let open = async {
-            let socket = TcpSocket::new_v4()?;
-            socket.bind(SocketAddr::new(from, 0))?;
-            let tcp = socket.connect(proxy).await?;
-            let _ = tcp.set_nodelay(true);
-            let stream = tls.connect(name.clone(), tcp).await?;
-            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-                .await
-                .map_err(std::io::Error::other)
-        };
-        let Ok(Ok((mut sender, connection))) = tokio::time::timeout_at(until, open).await else {
+        let Ok(Ok(mut sender)) = tokio::time::timeout_at(until, link.open(from)).await else {
             result.connection_failures += 1;
             // Refused: try again shortly, as a flood would.
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        tokio::spawn(connection);
         while Instant::now() < deadline {
-            let Ok(request) = Request::get("/")
-                .header(http::header::HOST, host.as_str())
-                .body(Empty::new())
-            else {
-                return result;
-            };
-            let exchange = async {
-                let response = sender.send_request(request).await?;
-                let status = response.status();
-                response.into_body().collect().await?;
-                Ok::<_, hyper::Error>(status)
-            };
-            match tokio::time::timeout_at(until, exchange).await {
-                Ok(Ok(status)) => {
+            match tokio::time::timeout_at(until, link.get(&mut sender)).await {
+                Ok(Ok((status, _))) => {
                     result.answered += 1;
                     *result.statuses.entry(status.as_u16()).or_default() += 1;
                 }
@@ -441,18 +621,22 @@ impl FloodReport {
     pub fn write(&self, out: &mut impl Write) -> Result<(), DataplaneError> {
         let io = || DataplaneError::io("writing the report");
         writeln!(out, "Machine: {}\n", self.machine).map_err(io())?;
+        let sending = match self.user_rate {
+            Some(rate) => format!("{rate} req/s each"),
+            None => "back to back (closed loop)".to_owned(),
+        };
         writeln!(
             out,
-            "Flood: {} users x {} req/s from 127.0.0.1; flood from {} addresses x {} connections, back to back; {} s per phase\n",
-            self.users, self.user_rate, self.flood_addresses, self.flood_connections, self.duration_s
+            "Flood: {} users, one address each from 127.0.1.1, one keep-alive connection each, {sending}; flood from {} addresses (127.0.0.2..) x {} connections, back to back; {} s per phase\n",
+            self.users, self.flood_addresses, self.flood_connections, self.duration_s
         )
         .map_err(io())?;
         writeln!(
             out,
-            "| phase | users: ok req/s | success | p50 ms | p99 ms | users' failures | flood: answers/s | flood: 200/s | flood answers by status | flood connection failures |"
+            "| phase | users: ok req/s | per user | success | p50 ms | p99 ms | users' failures | flood: answers/s | flood: 200/s | flood answers by status | flood connection failures |"
         )
         .map_err(io())?;
-        writeln!(out, "|---|---|---|---|---|---|---|---|---|---|").map_err(io())?;
+        writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|").map_err(io())?;
         for phase in &self.phases {
             let users = &phase.users;
             let (answered, served, statuses, failures) = match &phase.flood {
@@ -469,21 +653,25 @@ impl FloodReport {
                 ),
                 None => ("-".into(), "-".into(), "-".into(), "-".into()),
             };
-            let user_failures = if users.failed.is_empty() {
+            let mut user_failures: Vec<String> = users
+                .failed
+                .iter()
+                .map(|(what, count)| format!("{what}: {count}"))
+                .collect();
+            if users.unfinished > 0 {
+                user_failures.push(format!("(unfinished at the end: {})", users.unfinished));
+            }
+            let user_failures = if user_failures.is_empty() {
                 "none".to_owned()
             } else {
-                users
-                    .failed
-                    .iter()
-                    .map(|(what, count)| format!("{what}: {count}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                user_failures.join(", ")
             };
             writeln!(
                 out,
-                "| {} | {:.1} | {:.2}% ({}/{}) | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
+                "| {} | {:.1} | {:.1} | {:.2}% ({}/{}) | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
                 phase.name,
                 users.ok_per_s,
+                users.ok_per_s_per_user,
                 users.success_ratio * 100.0,
                 users.ok,
                 users.sent,
@@ -497,11 +685,56 @@ impl FloodReport {
             )
             .map_err(io())?;
         }
+        writeln!(
+            out,
+            "\nCPU seconds during each phase (of {} available per phase):\n",
+            self.phases.first().map_or_else(
+                || "-".to_owned(),
+                |phase| format!("{:.0}", phase.cpu.available)
+            )
+        )
+        .map_err(io())?;
+        writeln!(
+            out,
+            "| phase | proxy | connector | backend | clients (users + flood, this process) | whole machine |"
+        )
+        .map_err(io())?;
+        writeln!(out, "|---|---|---|---|---|---|").map_err(io())?;
+        for phase in &self.phases {
+            let cpu = &phase.cpu;
+            writeln!(
+                out,
+                "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                phase.name, cpu.proxy, cpu.connector, cpu.backend, cpu.clients, cpu.machine
+            )
+            .map_err(io())?;
+        }
         let json = serde_json::to_string(self).map_err(|e| DataplaneError::Client {
             what: "encoding the report".to_owned(),
             message: e.to_string(),
         })?;
         writeln!(out, "\n{json}").map_err(io())?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_have_addresses_of_their_own_clear_of_the_flood() {
+        let addresses: Vec<IpAddr> = (0..1000).map(user_address).collect();
+        let mut unique = addresses.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), addresses.len());
+        assert_eq!(addresses[0], IpAddr::V4(Ipv4Addr::new(127, 0, 1, 1)));
+        assert_eq!(addresses[250], IpAddr::V4(Ipv4Addr::new(127, 0, 2, 1)));
+        assert_eq!(addresses[999], IpAddr::V4(Ipv4Addr::new(127, 0, 4, 250)));
+        assert!(addresses.iter().all(|address| match address {
+            IpAddr::V4(v4) => v4.octets()[2] >= 1 && v4.octets()[3] >= 1,
+            IpAddr::V6(_) => false,
+        }));
     }
 }

@@ -127,20 +127,23 @@ pub enum Scenario {
     )]
     Policy(policy::PolicyArgs),
 
-    /// Flood: legitimate users from 127.0.0.1 next to a request flood from other loopback
-    /// addresses, through the proxy's abuse limits and without them.
+    /// Flood: legitimate users, one loopback address each, next to a request flood from
+    /// other loopback addresses, through the proxy's abuse limits and without them.
     #[command(
         long_about = "Flood: what legitimate users get while other addresses flood the proxy.\n\n\
         Starts the data-plane benchmark's system (backend, sallyport-proxy standalone, \
-        sallyport-connector) on loopback. --users users on 127.0.0.1 each send a small GET \
-        every 1/--user-rate s on a keep-alive connection; --flood-addresses addresses from \
-        127.0.0.2 on open --flood-connections connections each and send GETs back to back, \
-        ignoring Retry-After and reconnecting when closed. Phases of --duration s: users \
-        alone, users and flood against the proxy's default limits, then users and flood \
-        against a proxy with the per-client rate, in-flight and connection caps off. \
-        Reports the users' served requests per second, success ratio and latency, and the \
-        flood's answers by status and connection failures. Bounded by the phases' durations \
-        and the number of connections."
+        sallyport-connector) on loopback. --users users, each from its own address \
+        (127.0.1.1 onwards) on one keep-alive connection, send small GETs back to back \
+        (--user-mode max, a closed loop: the fleet's capacity for them) or every \
+        1/--user-rate s (--user-mode fixed); --flood-addresses addresses from 127.0.0.2 on \
+        open --flood-connections connections each and send GETs back to back, ignoring \
+        Retry-After and reconnecting when closed. The per-client limits count each user's \
+        address like a flooder's. Phases of --duration s, against the proxy's default \
+        limits and then against a proxy with the per-client rate, in-flight and \
+        connection caps off: users alone, then users and flood. Reports the users' served \
+        requests per second, success ratio and latency, the flood's answers by status and \
+        connection failures, and the CPU seconds of each process. Bounded by the phases' \
+        durations and the number of connections."
     )]
     Flood(flood::FloodArgs),
 
