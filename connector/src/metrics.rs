@@ -153,7 +153,11 @@ impl ConnectorMetrics {
     /// Records a request to `app` answered with `status` after `elapsed`.
     pub fn request_carried(&self, app: &str, status: StatusCode, elapsed: Duration) {
         self.requests
-            .with_label_values(&[app, status.as_str(), status_class(status)])
+            .with_label_values(&[
+                app,
+                status.as_str(),
+                sallyport_service::metrics::status_class(status),
+            ])
             .inc();
         self.duration
             .with_label_values(&[app])
@@ -304,17 +308,6 @@ fn respond(path: &str, metrics: &ConnectorMetrics) -> Response<Full<Bytes>> {
         http::HeaderValue::from_static(content_type),
     );
     response
-}
-
-/// `2xx`, `4xx`, ...: the class of `status`.
-fn status_class(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    }
 }
 
 #[cfg(test)]

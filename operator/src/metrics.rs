@@ -158,7 +158,7 @@ impl Metrics {
     /// Sets the expiry gauge of the certificate Secret `secret` from its `tls.crt`; an
     /// unreadable certificate removes the series.
     pub fn set_certificate_expiry(&self, secret: &str, tls_crt: Option<&[u8]>) {
-        match tls_crt.and_then(not_after_of_pem) {
+        match tls_crt.and_then(sallyport_service::metrics::not_after_of_pem) {
             Some(not_after) => self
                 .certificate_expiry
                 .with_label_values(&[secret])
@@ -277,13 +277,6 @@ impl Metrics {
 
 /// The content type of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
-
-/// The `notAfter` of the first certificate of the PEM text `pem`, in Unix seconds.
-fn not_after_of_pem(pem: &[u8]) -> Option<i64> {
-    let (_, block) = x509_parser::pem::parse_x509_pem(pem).ok()?;
-    let certificate = block.parse_x509().ok()?;
-    Some(certificate.validity().not_after.timestamp())
-}
 
 #[cfg(test)]
 mod tests {

@@ -185,7 +185,7 @@ impl ProxyMetrics {
     pub fn request_served(&self, app: &str, status: StatusCode, elapsed: Duration) {
         let code = status.as_str();
         self.requests
-            .with_label_values(&[app, code, status_class(status)])
+            .with_label_values(&[app, code, sallyport_service::metrics::status_class(status)])
             .inc();
         self.duration
             .with_label_values(&[app])
@@ -267,17 +267,6 @@ impl ProxyMetrics {
                 &self.certificate_expiry,
             ],
         )
-    }
-}
-
-/// `2xx`, `4xx`, ...: the class of `status`.
-fn status_class(status: StatusCode) -> &'static str {
-    match status.as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
     }
 }
 
@@ -376,13 +365,6 @@ pub fn risk_detection(kind: &str) {
     }
 }
 
-/// The `notAfter` of the first certificate of the PEM text `pem`, in Unix seconds.
-pub fn not_after_of_pem(pem: &[u8]) -> Option<i64> {
-    let (_, block) = x509_parser::pem::parse_x509_pem(pem).ok()?;
-    let certificate = block.parse_x509().ok()?;
-    Some(certificate.validity().not_after.timestamp())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,15 +451,6 @@ mod tests {
         );
     }
 
-    #[test]
-    fn status_classes() {
-        assert_eq!(status_class(StatusCode::SWITCHING_PROTOCOLS), "1xx");
-        assert_eq!(status_class(StatusCode::NO_CONTENT), "2xx");
-        assert_eq!(status_class(StatusCode::FOUND), "3xx");
-        assert_eq!(status_class(StatusCode::TOO_MANY_REQUESTS), "4xx");
-        assert_eq!(status_class(StatusCode::BAD_GATEWAY), "5xx");
-    }
-
     #[tokio::test]
     async fn tunnels_are_counted_from_the_pool_at_each_scrape() {
         let metrics = metrics();
@@ -515,19 +488,5 @@ mod tests {
         assert_eq!(before(app), start + 1);
         // Outside of a request, naming the app does nothing (and does not panic).
         note_app("elsewhere/app");
-    }
-
-    #[test]
-    fn certificate_not_after_is_read_from_pem() {
-        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
-        let mut params = rcgen::CertificateParams::new(vec!["tunnel.example".to_owned()])
-            .unwrap_or_else(|e| panic!("{e}"));
-        params.not_after = rcgen::date_time_ymd(2031, 1, 2);
-        let pem = params
-            .self_signed(&key)
-            .unwrap_or_else(|e| panic!("{e}"))
-            .pem();
-        assert_eq!(not_after_of_pem(pem.as_bytes()), Some(1_925_078_400));
-        assert_eq!(not_after_of_pem(b"not a certificate"), None);
     }
 }

@@ -700,7 +700,7 @@ fn record_certificate_expiry(tunnel_tls_dir: &std::path::Path, issuer: &Issuer) 
     metrics.set_certificate_expiry("connector-issuer", issuer.not_after().unix_timestamp());
     let tunnel = std::fs::read(tunnel_tls_dir.join("tls.crt"))
         .ok()
-        .and_then(|pem| crate::metrics::not_after_of_pem(&pem));
+        .and_then(|pem| sallyport_service::metrics::not_after_of_pem(&pem));
     match tunnel {
         Some(not_after) => metrics.set_certificate_expiry("tunnel-serving", not_after),
         None => {

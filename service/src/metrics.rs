@@ -67,8 +67,28 @@ pub fn encode(registry: &Registry, declared: &[&dyn Collector]) -> Result<String
     Ok(text)
 }
 
+/// `2xx`, `4xx`, ...: the class of `status`, a low-cardinality label.
+pub fn status_class(status: http::StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// The `notAfter` of the first certificate of the PEM text `pem`, in Unix seconds, for
+/// certificate expiry gauges; `None` when `pem` holds no readable certificate.
+pub fn not_after_of_pem(pem: &[u8]) -> Option<i64> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem).ok()?;
+    let certificate = block.parse_x509().ok()?;
+    Some(certificate.validity().not_after.timestamp())
+}
+
 #[cfg(test)]
 mod tests {
+    use http::StatusCode;
     use prometheus::{IntCounter, IntCounterVec, Opts};
 
     use super::*;
@@ -108,5 +128,28 @@ mod tests {
             Err(MetricsError::Register { metric, .. }) => assert_eq!(metric, "test_twice_total"),
             other => panic!("expected a registration error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(status_class(StatusCode::SWITCHING_PROTOCOLS), "1xx");
+        assert_eq!(status_class(StatusCode::NO_CONTENT), "2xx");
+        assert_eq!(status_class(StatusCode::FOUND), "3xx");
+        assert_eq!(status_class(StatusCode::TOO_MANY_REQUESTS), "4xx");
+        assert_eq!(status_class(StatusCode::BAD_GATEWAY), "5xx");
+    }
+
+    #[test]
+    fn certificate_not_after_is_read_from_pem() {
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let mut params = rcgen::CertificateParams::new(vec!["tunnel.example".to_owned()])
+            .unwrap_or_else(|e| panic!("{e}"));
+        params.not_after = rcgen::date_time_ymd(2031, 1, 2);
+        let pem = params
+            .self_signed(&key)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .pem();
+        assert_eq!(not_after_of_pem(pem.as_bytes()), Some(1_925_078_400));
+        assert_eq!(not_after_of_pem(b"not a certificate"), None);
     }
 }
