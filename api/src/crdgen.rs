@@ -62,7 +62,7 @@ pub fn write(out_dir: Option<&Path>) -> Result<(), CrdgenError> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
+    use std::path::PathBuf;
 
     use serde_json::Value;
 
@@ -70,7 +70,11 @@ mod tests {
 
     #[test]
     fn committed_crds_match_the_rust_types() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+        let dir = PathBuf::from(
+            std::env::var_os("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("../crds");
         for crd in custom_resource_definitions() {
             let name = crd.metadata.name.clone().unwrap_or_default();
             let committed = std::fs::read_to_string(dir.join(format!("{name}.yaml")))

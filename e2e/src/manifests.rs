@@ -63,11 +63,20 @@ pub enum ManifestError {
     },
 }
 
+/// The e2e crate's directory in the checkout being tested.
+///
+/// Taken from `CARGO_MANIFEST_DIR` at run time (cargo sets it for test binaries), and
+/// only then from the compile-time value: a library compiled in another clone that
+/// shares the cargo target directory would otherwise point at that clone.
+pub fn e2e_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// A path inside the repository, e.g. `repo_path("crds")`.
 pub fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(relative)
+    e2e_dir().join("..").join(relative)
 }
 
 /// Every YAML document of every `*.yaml` file in `dir`, sorted by file name; empty

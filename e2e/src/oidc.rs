@@ -13,7 +13,7 @@
 //! The script's npm dependencies are installed by `npm ci --prefix e2e/oidc-provider`
 //! (`.ci/run` does it).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -321,7 +321,7 @@ impl std::fmt::Debug for OidcProvider {
 
 /// The directory of `provider.mjs` and its `package.json`.
 pub fn provider_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("oidc-provider")
+    crate::manifests::e2e_dir().join("oidc-provider")
 }
 
 impl OidcProvider {

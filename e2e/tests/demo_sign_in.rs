@@ -84,7 +84,7 @@ fn log_tail(dir: &Path, name: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_signs_in_its_user_with_mfa_step_up_and_serves_the_passthrough_app()
 -> Result<(), StepError> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+    let repo = sallyport_e2e::manifests::e2e_dir()
         .parent()
         .ok_or("the e2e crate has no parent directory")?
         .to_path_buf();

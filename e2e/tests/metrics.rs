@@ -579,7 +579,7 @@ fn listening_ports(pid: u32) -> Vec<u16> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    sallyport_e2e::manifests::e2e_dir()
         .parent()
         .map_or_else(|| PathBuf::from(".."), Path::to_path_buf)
 }

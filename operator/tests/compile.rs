@@ -15,9 +15,12 @@ const OPERATOR_NAMESPACE: &str = "sallyport-system";
 fn fixture(names: &[&str]) -> Manifests {
     let mut manifests = Manifests::default();
     for name in names {
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/compile")
-            .join(name);
+        let path = PathBuf::from(
+            std::env::var_os("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("tests/fixtures/compile")
+        .join(name);
         if let Err(error) = manifests.read_path(&path, "default") {
             panic!("{error}");
         }

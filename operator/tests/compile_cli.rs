@@ -1,18 +1,18 @@
 //! `sallyport-operator compile` on the repository's `examples/` and on fixtures.
 
-use std::path::PathBuf;
-
 use clap::Parser;
 use sallyport_api::FleetConfig;
 use sallyport_operator::compile::command::{CommandError, run};
 use sallyport_operator::{Cli, Command};
 
 fn repo(path: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(path)
-        .display()
-        .to_string()
+    std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("..")
+    .join(path)
+    .display()
+    .to_string()
 }
 
 /// Runs `sallyport-operator compile ARGS`: the result, stdout and stderr.
