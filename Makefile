@@ -31,7 +31,7 @@ unit: ## Unit and in-process tests (no control plane)
 	$(CARGO) test --workspace --exclude sallyport-e2e
 
 .PHONY: e2e
-e2e: controlplane oidc-provider ## End-to-end tests against a real control plane, with Sallyport's binaries as real processes
+e2e: controlplane oidc-provider helm ## End-to-end tests against a real control plane, with Sallyport's binaries as real processes
 	$(CARGO) build --workspace --bins
 	$(CARGO) test -p sallyport-e2e --tests
 
@@ -42,7 +42,7 @@ e2e/oidc-provider/node_modules/.package-lock.json: e2e/oidc-provider/package-loc
 	npm ci --prefix e2e/oidc-provider --prefer-offline --no-audit --no-fund
 
 .PHONY: lint
-lint: fmt-check clippy crds-check ## cargo fmt check, clippy -D warnings, CRDs in sync with the Rust types
+lint: fmt-check clippy crds-check helm-lint ## cargo fmt check, clippy -D warnings, CRDs in sync with the Rust types, helm lint
 
 .PHONY: fmt
 fmt: ## Format the code
@@ -57,16 +57,46 @@ clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 .PHONY: crds
-crds: ## Regenerate crds/*.yaml from the Rust API types
-	$(CRDGEN) --out-dir crds
+crds: ## Regenerate crds/*.yaml, docs/crd-reference.md and the Helm chart's CRD copies from the Rust API types
+	$(CRDGEN) --out-dir crds --reference docs/crd-reference.md
+	rm -f charts/sallyport/files/crds/*.yaml
+	cp crds/*.yaml charts/sallyport/files/crds/
 
 .PHONY: crds-check
-crds-check: ## Fail when crds/ differs from what the Rust API types generate
+crds-check: ## Fail when crds/, docs/crd-reference.md or the chart's CRD copies differ from what the Rust API types generate
 	@tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
-	$(CRDGEN) --out-dir "$$tmp"; \
-	if ! diff -ru crds "$$tmp"; then \
-	  echo "crds/ is out of date with the Rust types in api/src: run 'make crds' and commit the result" >&2; exit 1; \
+	$(CRDGEN) --out-dir "$$tmp" --reference "$$tmp/crd-reference.md"; \
+	if ! diff -ru --exclude=crd-reference.md crds "$$tmp" || ! diff -u docs/crd-reference.md "$$tmp/crd-reference.md"; then \
+	  echo "crds/ or docs/crd-reference.md is out of date with the Rust types in api/src: run 'make crds' and commit the result" >&2; exit 1; \
+	fi; \
+	if ! diff -ru crds charts/sallyport/files/crds; then \
+	  echo "charts/sallyport/files/crds/ differs from crds/: run 'make crds' and commit the result" >&2; exit 1; \
 	fi
+
+.PHONY: helm
+helm: ## Build Helm from the Go module proxy (once per version) into $SALLYPORT_CACHE/tools
+	bash hack/install-helm.sh >/dev/null
+
+.PHONY: helm-lint
+helm-lint: helm ## helm lint --strict the chart
+	"$$(bash hack/install-helm.sh)" lint --strict charts/sallyport
+
+IMAGES_OUT ?= $(SALLYPORT_CACHE)/images
+MUSL := x86_64-unknown-linux-musl
+
+.PHONY: images
+images: ## Container images without an engine: static release binaries as OCI layouts and .oci.tar archives in $IMAGES_OUT (docs/images.md)
+	bash hack/install-image-tools.sh
+	$(CARGO) build --release --locked --target $(MUSL) -p sallyport-operator -p sallyport-proxy -p sallyport-connector
+	$(CARGO) build --release -p sallyport-image
+	export SOURCE_DATE_EPOCH=$${SOURCE_DATE_EPOCH:-$$(git log -1 --format=%ct)}; \
+	for name in operator proxy connector; do \
+	  $(CARGO_TARGET_DIR)/release/sallyport-image build --image $$name \
+	    --binary $(CARGO_TARGET_DIR)/$(MUSL)/release/sallyport-$$name \
+	    --out $(IMAGES_OUT)/sallyport-$$name --revision $$(git rev-parse HEAD); \
+	  $(CARGO_TARGET_DIR)/release/sallyport-image archive $(IMAGES_OUT)/sallyport-$$name \
+	    --out $(IMAGES_OUT)/sallyport-$$name.oci.tar; \
+	done
 
 .PHONY: controlplane
 controlplane: ## Build (once per version) the etcd, kube-* and kwok binaries into $SALLYPORT_CACHE

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The local demo: a real Kubernetes control plane on loopback with the Sallyport API
-# installed and the examples applied, the operator, a proxy and a connector as local
+# The local demo: a real Kubernetes control plane on loopback with the Sallyport Helm
+# chart installed and the examples applied, the operator, a proxy and a connector as local
 # processes, a demo OpenID provider (the e2e tests' one: oidc-provider on Node.js), and
 # two apps served from local web servers through the tunnel:
 #
@@ -100,6 +100,21 @@ server_cert() { # server_cert STEM SAN: $demo/STEM.crt and .key, issued by the d
   rm -f "$demo/$stem.csr"
 }
 log() { printf '==> %s\n' "$*" >&2; }
+operator_kubeconfig() { # operator_kubeconfig FILE: the admin kubeconfig's cluster, the chart's ServiceAccount's token
+  local server ca token
+  server=$(kubectl config view --raw --minify --flatten -o 'jsonpath={.clusters[0].cluster.server}')
+  ca=$(kubectl config view --raw --minify --flatten -o 'jsonpath={.clusters[0].cluster.certificate-authority-data}')
+  token=$(kubectl create token sallyport-operator -n sallyport-system --duration 48h)
+  umask 077
+  cat >"$1" <<KUBECONFIG
+apiVersion: v1
+kind: Config
+clusters: [{name: demo, cluster: {server: "$server", certificate-authority-data: "$ca"}}]
+users: [{name: sallyport-operator, user: {token: "$token"}}]
+contexts: [{name: demo, context: {cluster: demo, user: sallyport-operator, namespace: sallyport-system}}]
+current-context: demo
+KUBECONFIG
+}
 
 case "${1:-up}" in
   up)
@@ -116,11 +131,18 @@ case "${1:-up}" in
     kubeconfig=$(cluster up | tail -n 1)
     # KUBECONFIG, and the kubectl built with the control plane first on PATH.
     eval "$(cluster env)"
-    log "installing the Sallyport CRDs"
-    kubectl apply --server-side --force-conflicts -f crds/ >&2
+    log "building Helm from the Go module proxy (once; a few minutes)"
+    helm=$(bash hack/install-helm.sh | tail -n 1)
+    log "installing the Sallyport chart (charts/sallyport: CRDs, RBAC, the operator's Deployment) with $($helm version --short)"
+    # This control plane runs no kubelet: the chart's operator Deployment stays at 0 pods,
+    # and the operator runs below as a local process, with the Deployment's own arguments
+    # and the chart's ServiceAccount, so the chart's RBAC is what it works with.
+    "$helm" upgrade --install sallyport charts/sallyport --namespace sallyport-system --create-namespace \
+      --set fleet.oidc.issuer="$issuer" --set "fleet.tunnelHostnames={$tunnel_host}" \
+      --set fleet.proxy.replicas=1 --set fleet.proxy.serviceType=ClusterIP \
+      --set operator.logFormat=text >&2
     kubectl wait --for condition=Established --timeout 60s -f crds/ >&2
     log "applying the examples"
-    kubectl create namespace sallyport-system --dry-run=client -o yaml | kubectl apply -f - >&2
     kubectl create namespace team-a --dry-run=client -o yaml | kubectl apply -f - >&2
     kubectl label namespace team-a sallyport.dev/publish=true --overwrite >&2
     for f in examples/connector-group*.yaml examples/conditional-access-baseline.yaml; do
@@ -140,10 +162,15 @@ case "${1:-up}" in
     server_cert "$whoami_host" "DNS:$whoami_host"
     server_cert idp "IP:127.0.0.1"
 
-    log "starting sallyport-operator (log: $operator_log)"
-    start operator "$bin/sallyport-operator" run --namespace sallyport-system \
-      --probe-address 127.0.0.1:0 --default-oidc-issuer "$issuer" \
-      --tunnel-hostname "$tunnel_host"
+    log "starting sallyport-operator as the chart's ServiceAccount, with its Deployment's arguments (log: $operator_log)"
+    operator_kubeconfig "$demo/operator.kubeconfig"
+    readarray -t operator_args < <(kubectl get deployment sallyport-operator -n sallyport-system -o json \
+      | python3 -c 'import json, sys
+container = json.load(sys.stdin)["spec"]["template"]["spec"]["containers"][0]
+for arg in container["args"]:
+    print("--probe-address=127.0.0.1:0" if arg.startswith("--probe-address") else arg)')
+    POD_NAME=demo-operator POD_NAMESPACE=sallyport-system KUBECONFIG="$demo/operator.kubeconfig" \
+      start operator "$bin/sallyport-operator" "${operator_args[@]}"
 
     log "starting the demo OpenID provider, $issuer (log: $demo/idp.log)"
     whoami_url=https://$whoami_host:$proxy_port/

@@ -6,6 +6,8 @@
 #   certutil      puts the tests' CA into the browser's NSS database (libnss3-tools)
 #   redis-server  the risk state shared by proxy replicas (Debian's redis-server; tests
 #                 start their own on a free port, never the system service)
+#   systemd-analyze  verifies the connector's systemd unit (Debian's systemd; nothing is
+#                 started with it)
 # and checks that Node.js (20.19 or newer) and npm are there for the OpenID provider
 # (e2e/oidc-provider). Needs root to install (CI runs as root); prints what it does.
 # Safe to run again: with everything present it only checks.
@@ -17,6 +19,7 @@ command -v nginx >/dev/null || missing+=(nginx-light)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
 command -v certutil >/dev/null || missing+=(libnss3-tools)
 command -v redis-server >/dev/null || missing+=(redis-server)
+[[ -x /usr/bin/systemd-analyze ]] || missing+=(systemd)
 
 if ((${#missing[@]} > 0)); then
   if [[ $(id -u) -ne 0 ]]; then

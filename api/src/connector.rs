@@ -38,9 +38,10 @@ use crate::common::{DNS_SUBDOMAIN, DNS_SUBDOMAIN_MESSAGE, matches};
     ),
     printcolumn(
         name = "CERT-EXPIRES",
-        type_ = "date",
+        // A string, not a date: kubectl prints dates as ages, and a future one as <invalid>.
+        type_ = "string",
         json_path = ".status.certificate.notAfter",
-        description = "When the connector's certificate expires"
+        description = "When the connector's certificate expires (RFC 3339)"
     ),
     printcolumn(
         name = "LAST-SEEN",

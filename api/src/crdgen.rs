@@ -1,4 +1,5 @@
-//! Renders the CustomResourceDefinitions as YAML files (`make crds`).
+//! Renders the CustomResourceDefinitions as YAML files and their Markdown reference
+//! (`make crds`: `crds/*.yaml` and `docs/crd-reference.md`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -6,6 +7,11 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
 use crate::custom_resource_definitions;
+
+pub mod reference;
+
+/// Where the reference lives in the repository, relative to its root.
+pub const REFERENCE_PATH: &str = "docs/crd-reference.md";
 
 /// A CRD could not be rendered or written.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +42,19 @@ pub fn render(crd: &CustomResourceDefinition) -> Result<String, CrdgenError> {
     let name = crd.metadata.name.clone().unwrap_or_default();
     let yaml = serde_yaml::to_string(crd).map_err(|source| CrdgenError::Render { name, source })?;
     Ok(format!("{HEADER}---\n{yaml}"))
+}
+
+/// The Markdown reference of every CRD (`docs/crd-reference.md`).
+pub fn render_reference() -> String {
+    reference::render(&custom_resource_definitions())
+}
+
+/// Writes the Markdown reference of every CRD to `path`.
+pub fn write_reference(path: &Path) -> Result<(), CrdgenError> {
+    std::fs::write(path, render_reference()).map_err(|source| CrdgenError::Write {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Writes every CRD into `out_dir` as `<name>.yaml`, or all of them to stdout.
@@ -85,6 +104,23 @@ mod tests {
                 "crds/{name}.yaml is out of date with api/src: run `make crds`"
             );
         }
+    }
+
+    #[test]
+    fn committed_reference_matches_the_rust_types() {
+        let path = PathBuf::from(
+            std::env::var_os("CARGO_MANIFEST_DIR")
+                .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+        )
+        .join("..")
+        .join(REFERENCE_PATH);
+        let committed = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{REFERENCE_PATH}: {e}; run `make crds`"));
+        assert!(
+            committed == render_reference(),
+            "{REFERENCE_PATH} is out of date with api/src: run `make crds` \
+             (sallyport-crdgen --out-dir crds --reference {REFERENCE_PATH})"
+        );
     }
 
     /// Collects the paths of schema properties that lack a description.

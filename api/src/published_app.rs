@@ -47,6 +47,12 @@ use crate::duration::Duration;
         description = "Whether the app is being served"
     ),
     printcolumn(
+        name = "REASON",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        description = "Why the app is or is not being served: Ready, NotAccepted, RefsNotResolved or NoConnectedConnectors (kubectl describe says more)"
+    ),
+    printcolumn(
         name = "AGE",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"

@@ -50,6 +50,23 @@ pub enum ConnectorError {
     Run(#[from] run::RunError),
 }
 
+/// The exit status when restarting cannot help until an administrator acts
+/// ([`run::RunError::needs_administrator`]): a revoked connector, a removed group, a
+/// refused registration token, or settings and saved state that do not fit. It is
+/// `EX_CONFIG` of `sysexits.h`; the systemd unit names it in `RestartPreventExitStatus=`.
+pub const EXIT_NEEDS_ADMINISTRATOR: u8 = 78;
+
+impl ConnectorError {
+    /// The process's exit status for this error: [`EXIT_NEEDS_ADMINISTRATOR`] when
+    /// restarting cannot help, else 1.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            Self::Run(error) if error.needs_administrator() => EXIT_NEEDS_ADMINISTRATOR,
+            _ => 1,
+        }
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, ConnectorError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -90,6 +107,14 @@ mod tests {
             String::from_utf8_lossy(&out),
             format!("sallyport-connector {}\n", env!("CARGO_PKG_VERSION"))
         );
+    }
+
+    #[test]
+    fn errors_an_administrator_must_fix_exit_with_their_own_status() {
+        let fix = ConnectorError::Run(run::RunError::Missing("--group"));
+        assert_eq!(fix.exit_status(), EXIT_NEEDS_ADMINISTRATOR);
+        let transient = ConnectorError::Io(std::io::Error::other("broken pipe"));
+        assert_eq!(transient.exit_status(), 1);
     }
 
     #[test]

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use clap::Args;
-use sallyport_tunnel::dial::{DialSettings, Dialer};
+use sallyport_tunnel::dial::{DialSettings, DialStatus, Dialer};
 use sallyport_tunnel::tls::{Credentials, TlsError, certificates_from_pem};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::backend::Backends;
 use crate::metrics::{self, ConnectorMetrics, MetricsError};
@@ -26,6 +26,9 @@ use crate::state::{ConnectorState, StateArgs, StateError, StateStore};
 pub const CONFIG_POLL: Duration = Duration::from_secs(60);
 /// The longest pause between retries of a failed pull or renewal.
 pub const MAX_RETRY: Duration = Duration::from_secs(30);
+/// The fleet's reasons for refusing a registered connector for good: it was revoked (its
+/// `Connector` object deleted) or its ConnectorGroup removed. Retrying cannot help.
+pub const REFUSED_FOR_GOOD: [&str; 2] = ["ConnectorRevoked", "GroupNotFound"];
 
 /// Where the fleet is and how to join it: shared by `register` and `run`.
 #[derive(Debug, Args, Clone)]
@@ -64,7 +67,8 @@ pub struct FleetArgs {
     pub group: Option<String>,
 
     /// The group's bootstrap registration token; needed only until the connector has
-    /// registered (the state directory or state Secret keeps its certificate).
+    /// registered (the state directory or state Secret keeps its certificate). An empty
+    /// value counts as none (an emptied line of an environment file).
     #[arg(long, env = "SALLYPORT_REGISTRATION_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
@@ -158,6 +162,21 @@ pub enum RunError {
         /// The state file or Secret.
         store: String,
     },
+    /// The fleet refused the registered connector for good ([`REFUSED_FOR_GOOD`]): it was
+    /// revoked or its group removed. It stops rather than retry for ever.
+    #[error(
+        "the fleet no longer accepts connector {connector} ({reason}: {message}); it stops. To serve again it must register anew: remove its saved state ({store}) and start it with a registration token of the group"
+    )]
+    Revoked {
+        /// The connector, `namespace/name`.
+        connector: String,
+        /// The fleet's reason, e.g. `ConnectorRevoked`.
+        reason: String,
+        /// The fleet's explanation.
+        message: String,
+        /// The state file or Secret.
+        store: String,
+    },
     /// The saved certificate expired: only a new registration helps.
     #[error(
         "the certificate in {store} expired on {not_after}; give a registration token (--token) to register anew"
@@ -179,7 +198,54 @@ pub enum RunError {
     Metrics(#[from] MetricsError),
 }
 
+impl RunError {
+    /// Whether restarting the connector cannot help until an administrator acts: the
+    /// fleet refused it for good (a revoked connector, a removed group, a refused
+    /// registration token) or its settings or saved state cannot be used as they are.
+    /// Transient failures (the fleet unreachable for longer than the retries allow) are
+    /// not: a supervisor should start it again.
+    pub fn needs_administrator(&self) -> bool {
+        match self {
+            Self::Revoked { .. }
+            | Self::Missing(_)
+            | Self::OtherGroup { .. }
+            | Self::OtherFleet { .. }
+            | Self::Expired { .. } => true,
+            Self::Register(RegisterError::Refused { status, .. }) => {
+                (400..500).contains(status) && *status != 429
+            }
+            _ => false,
+        }
+    }
+
+    /// This error as [`RunError::Revoked`] when the fleet refused connector `connector`
+    /// (its state in `store`) for good.
+    fn revoked(&self, connector: &str, store: &str) -> Option<Self> {
+        let Self::Register(RegisterError::Refused {
+            reason, message, ..
+        }) = self
+        else {
+            return None;
+        };
+        REFUSED_FOR_GOOD
+            .contains(&reason.as_str())
+            .then(|| Self::Revoked {
+                connector: connector.to_owned(),
+                reason: reason.clone(),
+                message: message.clone(),
+                store: store.to_owned(),
+            })
+    }
+}
+
 impl FleetArgs {
+    /// The registration token given, if any: an empty one counts as none.
+    pub fn registration_token(&self) -> Option<&str> {
+        self.token
+            .as_deref()
+            .filter(|token| !token.trim().is_empty())
+    }
+
     /// The fleet endpoint these arguments describe.
     pub fn endpoint(&self, saved_ca: Option<&str>) -> Result<FleetEndpoint, RunError> {
         let address = self
@@ -246,7 +312,7 @@ impl FleetArgs {
                     .map_or(true, |saved| saved != given)
             });
             if other_fleet {
-                if self.token.is_none() {
+                if self.registration_token().is_none() {
                     return Err(RunError::OtherFleet {
                         store: store.to_string(),
                     });
@@ -256,7 +322,7 @@ impl FleetArgs {
                 info!(connector = %saved.connector_id, group = %saved.group_id, %store, "using the saved registration");
                 return Ok(saved);
             }
-            if !other_fleet && self.token.is_none() {
+            if !other_fleet && self.registration_token().is_none() {
                 return Err(RunError::Expired {
                     store: store.to_string(),
                     not_after: saved.not_after,
@@ -268,8 +334,7 @@ impl FleetArgs {
         }
         let group = self.group.as_deref().ok_or(RunError::Missing("--group"))?;
         let token = self
-            .token
-            .as_deref()
+            .registration_token()
             .ok_or(RunError::Missing("a registration token (--token)"))?;
         let endpoint = self.endpoint(None)?;
         let hostname = hostname::get()
@@ -312,6 +377,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         ));
     }
     let store = StateStore::open(&args.fleet.state, &shutdown).await?;
+    let store_name = store.to_string();
     let state = args.fleet.state(&store).await?;
     metrics.set_certificate(
         state.not_after.unix_timestamp(),
@@ -333,7 +399,15 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let (version_tx, version_rx) = watch::channel(String::new());
     // The first configuration before the first tunnel, so no request finds it empty.
     let state = Arc::new(ArcSwap::from_pointee(state));
-    pull_until_done(&endpoint, &state, &slice, &version_tx, &shutdown).await;
+    let fleet = Fleet {
+        endpoint: &endpoint,
+        state: &state,
+        store: &store_name,
+    };
+    if let Err(error) = pull_until_done(&fleet, &slice, &version_tx, &shutdown).await {
+        store.release().await;
+        return Err(error);
+    }
 
     let mut settings = DialSettings::new(
         args.fleet.fleet_addresses.clone(),
@@ -351,6 +425,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         version_rx,
     );
     let notices = dialer.notices();
+    let tunnels = dialer.status_updates();
     tokio::spawn(metrics::follow_tunnels(
         metrics.clone(),
         dialer.status_updates(),
@@ -358,37 +433,49 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     ));
 
     let config_loop = follow_config(
-        endpoint.clone(),
-        state.clone(),
+        &fleet,
         slice,
         version_tx,
         notices,
+        tunnels,
         shutdown.clone(),
     );
-    let renew_loop = renew_certificate(
-        endpoint,
-        state,
-        credentials,
-        store.clone(),
-        metrics,
-        shutdown.clone(),
-    );
-    let (dialed, (), ()) = tokio::join!(dialer.run(shutdown.clone()), config_loop, renew_loop);
+    let renew_loop = renew_certificate(&fleet, credentials, store.clone(), metrics, &shutdown);
+    let (dialed, followed, renewed) =
+        tokio::join!(dialer.run(shutdown.clone()), config_loop, renew_loop);
     store.release().await;
     dialed?;
+    followed?;
+    renewed?;
     store.check()?;
     info!("stopped");
     Ok(())
 }
 
+/// The fleet as the running connector's loops see it: where it is, the connector's
+/// current state, and where that state is kept (for messages).
+struct Fleet<'a> {
+    endpoint: &'a FleetEndpoint,
+    state: &'a ArcSwap<ConnectorState>,
+    store: &'a str,
+}
+
+impl Fleet<'_> {
+    /// `error` as [`RunError::Revoked`] when the fleet refused this connector for good.
+    fn revoked(&self, error: &RunError) -> Option<RunError> {
+        error.revoked(&self.state.load().connector_id, self.store)
+    }
+}
+
 async fn pull(
-    endpoint: &FleetEndpoint,
-    state: &ArcSwap<ConnectorState>,
+    fleet: &Fleet<'_>,
     slice: &CurrentSlice,
     version: &watch::Sender<String>,
 ) -> Result<(), RunError> {
     let known = slice.version();
-    if let Some(new) = register::fetch_config(endpoint, &state.load(), known.as_deref()).await? {
+    if let Some(new) =
+        register::fetch_config(fleet.endpoint, &fleet.state.load(), known.as_deref()).await?
+    {
         let new_version = new.version.clone();
         let apps = new.apps.len();
         slice.replace(new)?;
@@ -398,71 +485,101 @@ async fn pull(
     Ok(())
 }
 
+/// Pulls the configuration, retrying until it succeeds or `shutdown` fires; fails only
+/// when the fleet refused the connector for good.
 async fn pull_until_done(
-    endpoint: &FleetEndpoint,
-    state: &ArcSwap<ConnectorState>,
+    fleet: &Fleet<'_>,
     slice: &CurrentSlice,
     version: &watch::Sender<String>,
     shutdown: &CancellationToken,
-) {
+) -> Result<(), RunError> {
     let mut retry = Duration::from_millis(200);
     loop {
-        match pull(endpoint, state, slice, version).await {
-            Ok(()) => return,
-            Err(error) => warn!(%error, retry_in = ?retry, "cannot pull the configuration"),
+        match pull(fleet, slice, version).await {
+            Ok(()) => return Ok(()),
+            Err(error) => {
+                if let Some(revoked) = fleet.revoked(&error) {
+                    error!(%error, "the fleet refused the configuration pull for good; stopping");
+                    return Err(revoked);
+                }
+                warn!(%error, retry_in = ?retry, "cannot pull the configuration");
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(retry) => {}
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return Ok(()),
         }
         retry = (retry * 2).min(MAX_RETRY);
     }
 }
 
+/// Pulls the configuration when the fleet announces a new version, every
+/// [`CONFIG_POLL`], and when every tunnel is down and dials fail (the pull, authenticated
+/// like a tunnel, gets the fleet's reason: a revoked connector learns it at once). Stops
+/// the connector (cancels `shutdown`) when the fleet refused it for good.
 async fn follow_config(
-    endpoint: FleetEndpoint,
-    state: Arc<ArcSwap<ConnectorState>>,
+    fleet: &Fleet<'_>,
     slice: CurrentSlice,
     version: watch::Sender<String>,
     mut notices: watch::Receiver<Option<sallyport_tunnel::wire::FleetNotice>>,
+    mut tunnels: watch::Receiver<DialStatus>,
     shutdown: CancellationToken,
-) {
+) -> Result<(), RunError> {
+    // Whether the fleet was asked since the tunnels were last cut off.
+    let mut asked_why = false;
     loop {
         tokio::select! {
             changed = notices.changed() => {
-                if changed.is_err() { return }
+                if changed.is_err() { return Ok(()) }
                 let announced = notices.borrow_and_update().as_ref().map(|n| n.config_version.clone());
                 if announced.is_none() || announced == slice.version() {
                     continue;
                 }
             }
+            changed = tunnels.changed() => {
+                if changed.is_err() { return Ok(()) }
+                let cut_off = {
+                    let status = tunnels.borrow_and_update();
+                    status.serving() == 0 && status.consecutive_failures > 0
+                };
+                if !cut_off || asked_why {
+                    asked_why = cut_off;
+                    continue;
+                }
+                asked_why = true;
+                info!("no tunnel to the fleet is up and dials fail; asking the fleet whether it still accepts this connector");
+            }
             () = tokio::time::sleep(CONFIG_POLL) => {}
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return Ok(()),
         }
-        pull_until_done(&endpoint, &state, &slice, &version, &shutdown).await;
+        if let Err(error) = pull_until_done(fleet, &slice, &version, &shutdown).await {
+            shutdown.cancel();
+            return Err(error);
+        }
     }
 }
 
+/// Renews the certificate when it is due, retrying failures; stops the connector
+/// (cancels `shutdown`) when the fleet refused it for good.
 async fn renew_certificate(
-    endpoint: FleetEndpoint,
-    state: Arc<ArcSwap<ConnectorState>>,
+    fleet: &Fleet<'_>,
     credentials: Arc<ArcSwap<Credentials>>,
     store: StateStore,
     metrics: ConnectorMetrics,
-    shutdown: CancellationToken,
-) {
+    shutdown: &CancellationToken,
+) -> Result<(), RunError> {
     let mut retry = Duration::from_secs(1);
     loop {
-        let current = state.load_full();
+        let current = fleet.state.load_full();
         let wait = (current.renew_at - OffsetDateTime::now_utc())
             .try_into()
             .unwrap_or(Duration::ZERO);
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => return Ok(()),
         }
         let renewed = async {
-            let renewed = register::renew(&endpoint, &current).await?;
+            let renewed = register::renew(fleet.endpoint, &current).await?;
             let new_credentials = renewed.credentials()?;
             store.save(&renewed).await?;
             Ok::<_, RunError>((renewed, new_credentials))
@@ -475,14 +592,19 @@ async fn renew_certificate(
                     renewed.not_after.unix_timestamp(),
                     renewed.renew_at.unix_timestamp(),
                 );
-                state.store(Arc::new(renewed));
+                fleet.state.store(Arc::new(renewed));
                 retry = Duration::from_secs(1);
             }
             Err(error) => {
+                if let Some(revoked) = fleet.revoked(&error) {
+                    error!(%error, "the fleet refused the renewal for good; stopping");
+                    shutdown.cancel();
+                    return Err(revoked);
+                }
                 warn!(%error, retry_in = ?retry, "cannot renew the certificate");
                 tokio::select! {
                     () = tokio::time::sleep(retry) => {}
-                    () = shutdown.cancelled() => return,
+                    () = shutdown.cancelled() => return Ok(()),
                 }
                 retry = (retry * 2).min(MAX_RETRY);
             }
@@ -559,5 +681,77 @@ mod tests {
             matches!(other, Err(RunError::OtherFleet { .. })),
             "{other:?}"
         );
+    }
+
+    fn refused(status: u16, reason: &str) -> RunError {
+        RunError::Register(RegisterError::Refused {
+            action: "configuration",
+            status,
+            reason: reason.to_owned(),
+            message: "because".to_owned(),
+            retry_after: None,
+        })
+    }
+
+    #[test]
+    fn refusals_for_good_stop_the_connector_and_need_an_administrator() {
+        for reason in REFUSED_FOR_GOOD {
+            let revoked = refused(403, reason)
+                .revoked("infra/vm-1", "/var/lib/sallyport/connector-state.json");
+            let Some(revoked) = revoked else {
+                panic!("{reason} is a refusal for good");
+            };
+            let message = revoked.to_string();
+            assert!(
+                message.contains("infra/vm-1") && message.contains(reason),
+                "{message}"
+            );
+            assert!(
+                message.contains("/var/lib/sallyport/connector-state.json"),
+                "{message}"
+            );
+            assert!(revoked.needs_administrator());
+        }
+        // Other refusals are retried by the loops, and are not revocations.
+        assert!(refused(503, "GroupNotLoaded").revoked("c", "s").is_none());
+        assert!(
+            refused(401, "CertificateRequired")
+                .revoked("c", "s")
+                .is_none()
+        );
+        // A refused registration token needs an administrator; a busy fleet does not.
+        assert!(refused(401, "TokenInvalid").needs_administrator());
+        assert!(!refused(503, "GroupNotLoaded").needs_administrator());
+        assert!(!refused(429, "TooManyRequests").needs_administrator());
+        assert!(RunError::Missing("--group").needs_administrator());
+        let gave_up = RunError::Register(RegisterError::GaveUp {
+            action: "registration",
+            attempts: 3,
+            elapsed: Duration::from_secs(300),
+            allowed: Duration::from_secs(300),
+            last: Box::new(RegisterError::Timeout {
+                action: "registration",
+                address: "fleet:443".to_owned(),
+                timeout: Duration::from_secs(30),
+            }),
+        });
+        assert!(!gave_up.needs_administrator());
+    }
+
+    #[test]
+    fn an_empty_token_counts_as_none() {
+        let parse = |token: &str| {
+            Command::try_parse_from([
+                "connector",
+                "--fleet-address",
+                "127.0.0.1:1",
+                &format!("--token={token}"),
+            ])
+            .unwrap_or_else(|e| panic!("{e}"))
+            .fleet
+        };
+        assert_eq!(parse("").registration_token(), None);
+        assert_eq!(parse("  ").registration_token(), None);
+        assert_eq!(parse("abc").registration_token(), Some("abc"));
     }
 }

@@ -129,22 +129,6 @@ fn valid(kind: &str) -> Value {
     })
 }
 
-/// RFC 7386 JSON merge patch: objects merge, `null` removes, anything else replaces.
-fn merge(target: &mut Value, patch: &Value) {
-    match (target, patch) {
-        (Value::Object(target), Value::Object(patch)) => {
-            for (key, value) in patch {
-                if value.is_null() {
-                    target.remove(key);
-                } else {
-                    merge(target.entry(key.clone()).or_insert(Value::Null), value);
-                }
-            }
-        }
-        (target, patch) => *target = patch.clone(),
-    }
-}
-
 /// One malformed object: `spec_patch` is merged into a valid `kind`; the apiserver must
 /// refuse it with an error on `field` whose message contains `expect`.
 struct Invalid {
@@ -450,7 +434,7 @@ async fn invalid_manifests_are_rejected_naming_the_field() -> TestResult {
     } in cases
     {
         let mut object = valid(kind);
-        merge(&mut object["spec"], &spec_patch);
+        json_patch::merge(&mut object["spec"], &spec_patch);
         match create(client.clone(), &namespace, &object).await {
             Err(kube::Error::Api(status)) if status.code == 422 => {
                 // The apiserver reports each failed rule as "<field>: <what is wrong>".
@@ -571,7 +555,7 @@ async fn kubectl_get_shows_the_printer_columns() -> TestResult {
     let expected: [(&str, &[&str]); 4] = [
         (
             "publishedapps",
-            &["NAME", "URL", "PREAUTH", "GROUP", "READY", "AGE"],
+            &["NAME", "URL", "PREAUTH", "GROUP", "READY", "REASON", "AGE"],
         ),
         (
             "connectorgroups",

@@ -4,20 +4,21 @@
 use std::sync::Arc;
 
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
 use sallyport_api::conditional_access_policy::PolicyState;
 use sallyport_api::{ConditionalAccessPolicy, ConditionalAccessPolicyStatus};
 use serde_json::json;
 use tracing::{debug, info};
 
 use crate::compile::{INVALID_POLICY, check_policy};
-use crate::conditions::{Verdict, merge};
+use crate::conditions::{Verdict, merge, transitions};
 use crate::context::{Context, FIELD_MANAGER};
 use crate::error::Error;
 use crate::policy_selection::{AppSelection, applied_policies};
-use crate::reconcile::retry_after_failure;
+use crate::reconcile::{publish, retry_after_failure, transition_event};
 
 /// Condition types of a ConditionalAccessPolicy.
 pub mod condition {
@@ -136,8 +137,72 @@ pub async fn reconcile(
         )
         .await?;
     info!(%namespace, %name, matched_apps, "status updated");
+
+    let reference = policy.object_ref(&());
+    for verdict in transitions(&current.conditions, &verdicts) {
+        publish(
+            &ctx,
+            &reference,
+            transition_event("ConditionalAccessPolicy", verdict),
+        )
+        .await;
+    }
+    let accepted = verdicts.iter().all(|v| v.status);
+    let newly_unmatched = current.conditions.is_empty() || current.matched_apps > 0;
+    let in_force = policy.spec.state != PolicyState::Disabled;
+    if accepted && in_force && matched_apps == 0 && newly_unmatched {
+        publish(
+            &ctx,
+            &reference,
+            no_matched_apps_event(&policy, &ctx.config.operator_namespace),
+        )
+        .await;
+    }
     Ok(Action::await_change())
 }
+
+/// The Warning that an enforced or report-only `policy` applies to no app: it names what
+/// the policy's `spec.assignments.apps` asks for.
+pub fn no_matched_apps_event(policy: &ConditionalAccessPolicy, operator_namespace: &str) -> Event {
+    let apps = &policy.spec.assignments.apps;
+    let mut asks = Vec::new();
+    if let Some(selector) = &apps.selector {
+        asks.push(format!(
+            "selector {}",
+            serde_json::to_string(selector).unwrap_or_default()
+        ));
+    }
+    if !apps.names.is_empty() {
+        let names: Vec<&str> = apps.names.iter().map(|n| n.as_str()).collect();
+        asks.push(format!("names {}", names.join(", ")));
+    }
+    let namespace = policy.namespace().unwrap_or_default();
+    let scope = if namespace == operator_namespace {
+        "of any namespace (a fleet-wide baseline)".to_owned()
+    } else {
+        format!("of namespace {namespace}")
+    };
+    let asks = if asks.is_empty() {
+        "nothing".to_owned()
+    } else {
+        // A large selector must not push the note past an Event's limit.
+        crate::reconcile::shorten(&asks.join(" and "), 400).into_owned()
+    };
+    let fix =
+        crate::remedies::remedy("ConditionalAccessPolicy", NO_MATCHED_APPS).unwrap_or_default();
+    Event {
+        type_: EventType::Warning,
+        reason: NO_MATCHED_APPS.to_owned(),
+        note: Some(format!(
+            "the policy applies to no PublishedApp: spec.assignments.apps ({asks}) matches no app {scope} and no app names it in spec.conditionalAccessPolicies. Fix: {fix}."
+        )),
+        action: "Reconcile".to_owned(),
+        secondary: None,
+    }
+}
+
+/// The reason of the Warning that a policy applies to no app.
+pub const NO_MATCHED_APPS: &str = "NoMatchedApps";
 
 /// Retries a failed reconcile after a short pause.
 pub fn error_policy(

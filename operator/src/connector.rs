@@ -309,7 +309,12 @@ async fn write_condition(
     let previous = existing.iter().find(|c| c.type_ == CONNECTED);
     info!(%namespace, %name, connected = verdict.status, reason = verdict.reason, message = %verdict.message, "Connected condition updated");
     if previous.is_some_and(|c| c.reason != verdict.reason || c.status != conditions[0].status) {
-        publish(ctx, &connector.object_ref(&()), transition_event(verdict)).await;
+        publish(
+            ctx,
+            &connector.object_ref(&()),
+            transition_event("Connector", verdict),
+        )
+        .await;
     }
     Ok(())
 }

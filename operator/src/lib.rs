@@ -5,6 +5,7 @@
 //! Today it reconciles PublishedApps (references, route conflicts, conditions, Events)
 //! and ConditionalAccessPolicies (matched apps); the fleet, connectors and PKI follow.
 
+pub mod check;
 pub mod compile;
 pub mod conditional_access_policy;
 pub mod conditions;
@@ -15,6 +16,7 @@ pub mod error;
 pub mod external_url;
 pub mod fleet;
 pub mod fleet_config;
+pub mod kubectl;
 pub mod leader;
 pub mod managed;
 pub mod metrics;
@@ -24,6 +26,7 @@ pub mod probes;
 pub mod published_app;
 pub mod rbac;
 pub mod reconcile;
+pub mod remedies;
 pub mod run;
 pub mod tls;
 pub mod whatif;
@@ -78,6 +81,10 @@ pub enum Command {
     /// anything else.
     #[command(name = "whatif")]
     WhatIf(whatif::WhatIfArgs),
+    /// Check an installed operator: every Sallyport kind is served, and a replica holds
+    /// the leader Lease and renews it. Exit status 0: all pass; 1: anything else. The Helm
+    /// chart's `helm test` Pod runs it.
+    Check(check::CheckArgs),
 }
 
 /// Settings of `sallyport-operator run`.
@@ -345,10 +352,13 @@ pub enum OperatorError {
     /// `whatif` could not decide.
     #[error(transparent)]
     WhatIf(#[from] whatif::WhatIfError),
+    /// `check` could not ask.
+    #[error(transparent)]
+    Check(#[from] check::CheckError),
 }
 
 /// Runs the command `cli` asks for, writing its output to `out`; the exit code is
-/// success unless `whatif` decides anything but `allowed`.
+/// success unless `whatif` decides anything but `allowed` or a `check` fails.
 pub fn run(cli: Cli, out: &mut impl Write) -> Result<ExitCode, OperatorError> {
     match cli.command {
         Some(Command::Run(args)) => {
@@ -387,6 +397,7 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<ExitCode, OperatorError> {
         Some(Command::WhatIf(args)) => {
             return Ok(whatif::run(&args, out, &mut std::io::stderr().lock())?);
         }
+        Some(Command::Check(args)) => return Ok(check::run(&args, out)?),
         None => writeln!(out, "sallyport-operator {}", env!("CARGO_PKG_VERSION"))?,
     }
     Ok(ExitCode::SUCCESS)

@@ -47,9 +47,21 @@ pub async fn publish(ctx: &Context, regarding: &ObjectReference, event: Event) {
     }
 }
 
-/// The Event announcing that a condition reached `verdict`: Normal when it holds,
-/// Warning when not.
-pub fn transition_event(verdict: &Verdict) -> Event {
+/// The longest `note` the events.k8s.io API accepts, in bytes.
+pub const EVENT_NOTE_LIMIT: usize = 1024;
+
+/// The Event announcing that a condition of an object of `kind` reached `verdict`:
+/// Normal when it holds, Warning when not, the Warning ending with what to do about it
+/// ([`crate::remedies::remedy`]). A message too long for an Event is shortened, never
+/// the remedy.
+pub fn transition_event(kind: &str, verdict: &Verdict) -> Event {
+    let remedy = (!verdict.status)
+        .then(|| crate::remedies::remedy(kind, verdict.reason))
+        .flatten()
+        .map(|fix| format!(". Fix: {fix}."))
+        .unwrap_or_default();
+    let head = format!("{} is {}: ", verdict.type_, verdict.status);
+    let room = EVENT_NOTE_LIMIT.saturating_sub(head.len() + remedy.len());
     Event {
         type_: if verdict.status {
             EventType::Normal
@@ -58,10 +70,67 @@ pub fn transition_event(verdict: &Verdict) -> Event {
         },
         reason: verdict.reason.to_owned(),
         note: Some(format!(
-            "{} is {}: {}",
-            verdict.type_, verdict.status, verdict.message
+            "{head}{}{remedy}",
+            shorten(verdict.message.trim_end_matches('.'), room)
         )),
         action: "Reconcile".to_owned(),
         secondary: None,
+    }
+}
+
+/// `text` cut to at most `limit` bytes on a character boundary, ending in `...` when cut.
+pub(crate) fn shorten(text: &str, limit: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= limit {
+        return text.into();
+    }
+    let mut end = limit.saturating_sub(3);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end]).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_condition_is_a_warning_that_says_what_to_do() {
+        let verdict = Verdict::failed(
+            "ResolvedRefs",
+            "TLSSecretNotFound",
+            "TLS Secret team-a/wiki-tls does not exist",
+        );
+        let event = transition_event("PublishedApp", &verdict);
+        assert_eq!(event.type_, EventType::Warning);
+        assert_eq!(event.reason, "TLSSecretNotFound");
+        let note = event.note.unwrap_or_default();
+        assert!(
+            note.starts_with(
+                "ResolvedRefs is false: TLS Secret team-a/wiki-tls does not exist. Fix: create it"
+            ) && note.contains("spec.tls.secretName"),
+            "{note}"
+        );
+
+        let ready = transition_event(
+            "PublishedApp",
+            &Verdict::ok("Ready", "Ready", "1 connected connector(s)"),
+        );
+        assert_eq!(ready.type_, EventType::Normal);
+        assert_eq!(
+            ready.note.as_deref(),
+            Some("Ready is true: 1 connected connector(s)")
+        );
+    }
+
+    #[test]
+    fn a_long_message_is_shortened_to_fit_an_event_keeping_the_remedy() {
+        let message = "ConditionalAccessPolicy team-a/p\u{e9}: bad; ".repeat(60);
+        let verdict = Verdict::failed("ResolvedRefs", "PolicyInvalid", message);
+        let note = transition_event("PublishedApp", &verdict)
+            .note
+            .unwrap_or_default();
+        assert!(note.len() <= EVENT_NOTE_LIMIT, "{} bytes", note.len());
+        assert!(note.contains("... Fix: fix the policy"), "{note}");
     }
 }

@@ -59,8 +59,17 @@ pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<
                 type_: EventType::Normal,
                 reason: "RegistrationTokenMinted".to_owned(),
                 note: Some(format!(
-                    "new token in Secret {}: {reason}",
-                    token_secret_name(&name)
+                    "new token in Secret {}: {reason}{}",
+                    token_secret_name(&name),
+                    if existing_secret.is_some() && group.spec.deployment.is_none() {
+                        // Connectors outside the cluster are given the token by hand.
+                        format!(
+                            "; connectors that have not registered yet need it: kubectl get secret {} -n {namespace} -o jsonpath='{{.data.token}}' | base64 -d",
+                            token_secret_name(&name)
+                        )
+                    } else {
+                        String::new()
+                    }
                 )),
                 action: "MintToken".to_owned(),
                 secondary: None,
@@ -171,7 +180,12 @@ pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<
             .await?;
         info!(%namespace, %name, desired_connectors, connected_connectors, "status updated");
         for verdict in transitions(&current.conditions, &verdicts) {
-            publish(&ctx, &reference, transition_event(verdict)).await;
+            publish(
+                &ctx,
+                &reference,
+                transition_event("ConnectorGroup", verdict),
+            )
+            .await;
         }
     } else {
         debug!(%namespace, %name, "status unchanged");

@@ -74,7 +74,7 @@ pub async fn reconcile(app: Arc<PublishedApp>, ctx: Arc<Context>) -> Result<Acti
 
     let reference = app.object_ref(&());
     for verdict in transitions(&current.conditions, &assessment.verdicts) {
-        publish(&ctx, &reference, transition_event(verdict)).await;
+        publish(&ctx, &reference, transition_event("PublishedApp", verdict)).await;
     }
     Ok(Action::requeue(RESYNC))
 }
