@@ -431,6 +431,43 @@ fn sorted<K: ResourceExt + Clone>(objects: &[K]) -> Vec<K> {
     objects
 }
 
+/// The summary's per-kind sections, written into one text.
+struct Sections<'a> {
+    scope: &'a str,
+    text: &'a mut String,
+    not_ready: &'a mut Vec<String>,
+}
+
+impl Sections<'_> {
+    /// One kind's table (or a line saying there is none, naming the kind's `plural`),
+    /// noting each object `row` finds not ready.
+    fn push<K: ResourceExt>(
+        &mut self,
+        objects: &[K],
+        (kind, plural): (&str, &str),
+        headers: &[&str],
+        row: impl Fn(&K) -> (Row, Option<String>),
+    ) {
+        if objects.is_empty() {
+            self.text
+                .push_str(&format!("No {plural} in {}.\n", self.scope));
+        } else {
+            let rows: Vec<Row> = objects
+                .iter()
+                .map(|object| {
+                    let (cells, reason) = row(object);
+                    if let Some(reason) = reason {
+                        self.not_ready
+                            .push(format!("{kind} {} ({reason})", id(object)));
+                    }
+                    cells
+                })
+                .collect();
+            self.text.push_str(&table(headers, &rows));
+        }
+    }
+}
+
 /// The summary of `snapshot`.
 pub fn summarize(snapshot: &Snapshot) -> Summary {
     let mut text = String::new();
@@ -453,68 +490,40 @@ pub fn summarize(snapshot: &Snapshot) -> Summary {
     }
 
     let apps = sorted(&snapshot.apps);
-    if apps.is_empty() {
-        text.push_str(&format!("No PublishedApps in {scope}.\n\n"));
-    } else {
-        let rows: Vec<Row> = apps
-            .iter()
-            .map(|app| {
-                let (row, reason) = app_row(app);
-                if let Some(reason) = reason {
-                    not_ready.push(format!("PublishedApp {} ({reason})", id(app)));
-                }
-                row
-            })
-            .collect();
-        text.push_str(&table(&["PUBLISHEDAPP", "READY", "REASON", "URL"], &rows));
-        text.push('\n');
-    }
-
     let groups = sorted(&snapshot.groups);
-    if groups.is_empty() {
-        text.push_str(&format!("No ConnectorGroups in {scope}.\n\n"));
-    } else {
-        let rows: Vec<Row> = groups
-            .iter()
-            .map(|group| {
-                let (row, reason) = group_row(group, &snapshot.connectors, snapshot.now);
-                if let Some(reason) = reason {
-                    not_ready.push(format!("ConnectorGroup {} ({reason})", id(group)));
-                }
-                row
-            })
-            .collect();
-        text.push_str(&table(
-            &[
-                "CONNECTORGROUP",
-                "READY",
-                "REASON",
-                "CONNECTED",
-                "SOONEST-CERT-EXPIRY",
-            ],
-            &rows,
-        ));
-        text.push('\n');
-    }
-
     let policies = sorted(&snapshot.policies);
-    if policies.is_empty() {
-        text.push_str(&format!("No ConditionalAccessPolicies in {scope}.\n"));
-    } else {
-        let rows: Vec<Row> = policies
-            .iter()
-            .map(|policy| {
-                let (row, reason) = policy_row(policy);
-                if let Some(reason) = reason {
-                    not_ready.push(format!("ConditionalAccessPolicy {} ({reason})", id(policy)));
-                }
-                row
-            })
-            .collect();
-        text.push_str(&table(
-            &["POLICY", "STATE", "MATCHED", "READY", "REASON"],
-            &rows,
-        ));
+    let mut sections = Sections {
+        scope: &scope,
+        text: &mut text,
+        not_ready: &mut not_ready,
+    };
+    sections.push(
+        &apps,
+        ("PublishedApp", "PublishedApps"),
+        &["PUBLISHEDAPP", "READY", "REASON", "URL"],
+        app_row,
+    );
+    sections.text.push('\n');
+    sections.push(
+        &groups,
+        ("ConnectorGroup", "ConnectorGroups"),
+        &[
+            "CONNECTORGROUP",
+            "READY",
+            "REASON",
+            "CONNECTED",
+            "SOONEST-CERT-EXPIRY",
+        ],
+        |group| group_row(group, &snapshot.connectors, snapshot.now),
+    );
+    sections.text.push('\n');
+    sections.push(
+        &policies,
+        ("ConditionalAccessPolicy", "ConditionalAccessPolicies"),
+        &["POLICY", "STATE", "MATCHED", "READY", "REASON"],
+        policy_row,
+    );
+    if !policies.is_empty() {
         let count = |state: PolicyState| policies.iter().filter(|p| p.spec.state == state).count();
         text.push_str(&format!(
             "Policies: {} enabled, {} report-only, {} disabled.\n",
@@ -625,6 +634,22 @@ mod tests {
             ],
             unreadable: Vec::new(),
         }
+    }
+
+    #[test]
+    fn an_empty_namespace_says_so_for_each_kind() {
+        let mut empty = snapshot();
+        empty.apps.clear();
+        empty.groups.clear();
+        empty.policies.clear();
+        let summary = summarize(&empty);
+        assert!(
+            summary.text.contains(
+                "No PublishedApps in namespace team-a.\n\nNo ConnectorGroups in namespace team-a.\n\nNo ConditionalAccessPolicies in namespace team-a.\n"
+            ),
+            "{}",
+            summary.text
+        );
     }
 
     #[test]
