@@ -154,12 +154,8 @@ pub struct VerifiedImage {
 /// Verifies the layout at `root`; returns its images.
 pub fn verify(root: &Path) -> Result<Vec<VerifiedImage>, VerifyError> {
     let layout_path = root.join("oci-layout");
-    let layout = OciLayout::from_reader(read_file(&layout_path)?.as_slice()).map_err(|source| {
-        VerifyError::Parse {
-            path: layout_path.clone(),
-            what: "oci-layout",
-            source,
-        }
+    let layout = parse(&layout_path, "oci-layout", &read_file(&layout_path)?, |b| {
+        OciLayout::from_reader(b)
     })?;
     if layout.image_layout_version() != "1.0.0" {
         return Err(VerifyError::LayoutVersion {
@@ -167,12 +163,8 @@ pub fn verify(root: &Path) -> Result<Vec<VerifiedImage>, VerifyError> {
         });
     }
     let index_path = root.join("index.json");
-    let index = ImageIndex::from_reader(read_file(&index_path)?.as_slice()).map_err(|source| {
-        VerifyError::Parse {
-            path: index_path.clone(),
-            what: "image index",
-            source,
-        }
+    let index = parse(&index_path, "image index", &read_file(&index_path)?, |b| {
+        ImageIndex::from_reader(b)
     })?;
     schema_version("index.json", index.schema_version())?;
     if let Some(media_type) = index.media_type() {
@@ -202,12 +194,9 @@ fn verify_image(
         &MediaType::ImageManifest,
     )?;
     let (path, bytes) = read_blob(root, referenced_by, descriptor)?;
-    let manifest =
-        ImageManifest::from_reader(bytes.as_slice()).map_err(|source| VerifyError::Parse {
-            path,
-            what: "image manifest",
-            source,
-        })?;
+    let manifest = parse(&path, "image manifest", &bytes, |b| {
+        ImageManifest::from_reader(b)
+    })?;
     let at = format!("manifest {}", descriptor.digest());
     schema_version(&at, manifest.schema_version())?;
     match manifest.media_type() {
@@ -228,12 +217,9 @@ fn verify_image(
         &MediaType::ImageConfig,
     )?;
     let (path, bytes) = read_blob(root, &config_at, manifest.config())?;
-    let config =
-        ImageConfiguration::from_reader(bytes.as_slice()).map_err(|source| VerifyError::Parse {
-            path,
-            what: "image config",
-            source,
-        })?;
+    let config = parse(&path, "image config", &bytes, |b| {
+        ImageConfiguration::from_reader(b)
+    })?;
     if let Some(platform) = descriptor.platform() {
         let index = format!("{}/{}", platform.os(), platform.architecture());
         let image = format!("{}/{}", config.os(), config.architecture());
@@ -363,6 +349,20 @@ fn expect_media_type(at: &str, found: &MediaType, expected: &MediaType) -> Resul
         referenced_by: at.to_owned(),
         found: found.to_string(),
         expected: expected.to_string(),
+    })
+}
+
+/// `bytes` (read from `path`) parsed by `from_reader` as a `what`.
+fn parse<T>(
+    path: &Path,
+    what: &'static str,
+    bytes: &[u8],
+    from_reader: impl FnOnce(&[u8]) -> Result<T, OciSpecError>,
+) -> Result<T, VerifyError> {
+    from_reader(bytes).map_err(|source| VerifyError::Parse {
+        path: path.to_owned(),
+        what,
+        source,
     })
 }
 
