@@ -410,7 +410,17 @@ pub struct AuthenticationStrength {
 }
 
 /// Session controls for sign-ins a policy applies to.
+///
+/// `signInFrequency` and `persistentBrowserSession` act on the session; `monitor`,
+/// `readOnly` and `blockDownloads` act on every request of it. The controls of every
+/// applying `Enabled` policy combine: the shortest frequency, `Never` over `Always`, and
+/// any policy asking to monitor, to allow only reading or to block downloads is enough.
+/// `ReportOnly` policies report the controls they would apply in the sign-in log, and
+/// enforce none.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[x_kube(validation = Rule::new("!has(self.downloadContentTypes) || size(self.downloadContentTypes) == 0 || (has(self.blockDownloads) && self.blockDownloads)")
+    .message("downloadContentTypes only counts with blockDownloads: true")
+    .field_path(".downloadContentTypes"))]
 #[serde(rename_all = "camelCase")]
 pub struct PolicySessionControls {
     /// Force re-authentication once the sign-in is older than this, for example `8h`.
@@ -421,6 +431,103 @@ pub struct PolicySessionControls {
     /// the browser closes. Overrides the app's cookie setting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistent_browser_session: Option<PersistentBrowserSession>,
+
+    /// Monitor the session: every request of it is written to the audit stream as a
+    /// `session.request` event with the user, app, client IP, method, path (without the
+    /// query), status, response bytes, request id and the policies asking for it. Bodies
+    /// are never recorded.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub monitor: bool,
+
+    /// Allow only reading: requests with a safe method (`GET`, `HEAD`, `OPTIONS`) pass;
+    /// any other method, and WebSocket upgrades, are answered 403 naming the policy and
+    /// never reach the app.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+
+    /// Block downloads: a response of the app that is a file download (its
+    /// `Content-Disposition` is `attachment`, or its `Content-Type` is one of
+    /// `downloadContentTypes`) is replaced by a 403 page naming the policy; the app's
+    /// body is dropped, never sent. Pages and other responses pass.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub block_downloads: bool,
+
+    /// Media types (`type/subtype`, or `type/*` for a whole type; parameters such as
+    /// `charset` are not part of it) whose responses count as downloads when
+    /// `blockDownloads` is set, besides any response with `Content-Disposition:
+    /// attachment`. Compared ignoring case. Empty: application/octet-stream and the
+    /// common archive types (zip, gzip, tar, 7z, rar, bzip2, xz, zstd).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub download_content_types: Vec<ContentType>,
+}
+
+/// The media types that count as downloads when a policy blocks downloads and lists no
+/// `downloadContentTypes` of its own.
+pub const DEFAULT_DOWNLOAD_CONTENT_TYPES: &[&str] = &[
+    "application/octet-stream",
+    "application/zip",
+    "application/x-zip-compressed",
+    "application/gzip",
+    "application/x-gzip",
+    "application/x-tar",
+    "application/x-7z-compressed",
+    "application/vnd.rar",
+    "application/x-rar-compressed",
+    "application/x-bzip2",
+    "application/x-xz",
+    "application/zstd",
+];
+
+/// RE2: a media type without parameters, `type/subtype` or `type/*` (RFC 6838 names).
+const MEDIA_TYPE: &str =
+    r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/([A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*|[*])$";
+
+/// What [`MEDIA_TYPE`] expects, for messages.
+const MEDIA_TYPE_MESSAGE: &str = "must be a media type type/subtype such as application/zip, or type/* such as video/*, without parameters";
+
+validated_string!(
+    /// A media type without parameters: `type/subtype` (`application/zip`) or `type/*`
+    /// (`video/*`).
+    ContentType,
+    max_length = 255,
+    rules = [(matches("self", MEDIA_TYPE), MEDIA_TYPE_MESSAGE)]
+);
+
+impl ContentType {
+    /// Checks the value as admission does ([`MEDIA_TYPE`]); the error says what is
+    /// expected.
+    pub fn check(&self) -> Result<(), String> {
+        let name_char = |c: char| c.is_ascii_alphanumeric() || "!#$&^_.+-".contains(c);
+        let name = |part: &str| {
+            part.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric())
+                && part.chars().all(name_char)
+        };
+        let valid = self.0.len() <= 255
+            && self
+                .0
+                .split_once('/')
+                .is_some_and(|(kind, subtype)| name(kind) && (subtype == "*" || name(subtype)));
+        if valid {
+            Ok(())
+        } else {
+            Err(format!("{:?} {MEDIA_TYPE_MESSAGE}", self.0))
+        }
+    }
+
+    /// Whether a response's media type `essence` (`type/subtype`, lower case, without
+    /// parameters) is this one, ignoring case; `type/*` takes every subtype.
+    pub fn matches(&self, essence: &str) -> bool {
+        match self.0.strip_suffix("/*") {
+            Some(kind) => essence
+                .split_once('/')
+                .is_some_and(|(essence_kind, _)| essence_kind.eq_ignore_ascii_case(kind)),
+            None => self.0.eq_ignore_ascii_case(essence),
+        }
+    }
 }
 
 /// Whether the session survives a browser restart.
@@ -447,4 +554,122 @@ pub struct ConditionalAccessPolicyStatus {
     /// How many PublishedApps the policy applies to.
     #[serde(default)]
     pub matched_apps: i32,
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::CustomResourceExt as _;
+
+    use super::*;
+
+    fn session(yaml: &str) -> PolicySessionControls {
+        serde_yaml::from_str(yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"))
+    }
+
+    #[test]
+    fn content_types_are_checked_as_admission_does() {
+        let cases: &[(&str, bool)] = &[
+            ("application/zip", true),
+            ("Application/Vnd.MS-Excel", true),
+            (
+                "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+                true,
+            ),
+            ("video/*", true),
+            ("application/x-7z-compressed", true),
+            ("text/plain+json", true),
+            ("", false),
+            ("zip", false),
+            ("application/", false),
+            ("/zip", false),
+            ("*/*", false),
+            ("application/zip; charset=utf-8", false),
+            ("application/zip/extra", false),
+            ("application/-zip", false),
+            ("application/z ip", false),
+            ("application/zïp", false),
+        ];
+        let regex = MEDIA_TYPE;
+        assert!(regex.starts_with('^') && regex.ends_with('$'));
+        for (value, valid) in cases {
+            let checked = ContentType(value.to_string()).check();
+            assert_eq!(checked.is_ok(), *valid, "{value:?}: {checked:?}");
+            if let Err(message) = checked {
+                assert!(message.contains("type/subtype"), "{message}");
+            }
+        }
+        for default in DEFAULT_DOWNLOAD_CONTENT_TYPES {
+            assert!(
+                ContentType(default.to_string()).check().is_ok(),
+                "{default}"
+            );
+        }
+    }
+
+    #[test]
+    fn content_types_match_ignoring_case_and_by_wildcard() {
+        let zip = ContentType("Application/ZIP".to_owned());
+        assert!(zip.matches("application/zip"));
+        assert!(!zip.matches("application/zipx"));
+        let video = ContentType("video/*".to_owned());
+        assert!(video.matches("video/mp4"));
+        assert!(video.matches("VIDEO/webm"));
+        assert!(!video.matches("audio/mp4"));
+        assert!(!video.matches("video"));
+    }
+
+    #[test]
+    fn session_controls_read_with_defaults_and_write_only_what_is_set() {
+        let all = session(
+            "{monitor: true, readOnly: true, blockDownloads: true, downloadContentTypes: [application/pdf, video/*]}",
+        );
+        assert!(all.monitor && all.read_only && all.block_downloads);
+        assert_eq!(
+            all.download_content_types,
+            [
+                ContentType("application/pdf".to_owned()),
+                ContentType("video/*".to_owned())
+            ]
+        );
+        let none = session("{signInFrequency: 8h}");
+        assert!(!none.monitor && !none.read_only && !none.block_downloads);
+        assert!(none.download_content_types.is_empty());
+        let written = serde_json::to_value(&none).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(written, serde_json::json!({"signInFrequency": "8h"}));
+        let written = serde_json::to_value(&all).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(written["readOnly"], serde_json::json!(true));
+        assert_eq!(written["blockDownloads"], serde_json::json!(true));
+    }
+
+    #[test]
+    fn the_schema_validates_each_new_field() {
+        let crd =
+            serde_json::to_value(ConditionalAccessPolicy::crd()).unwrap_or_else(|e| panic!("{e}"));
+        let session = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["session"];
+        for field in ["monitor", "readOnly", "blockDownloads"] {
+            assert_eq!(
+                session["properties"][field]["type"],
+                serde_json::json!("boolean"),
+                "{field}: {session}"
+            );
+            assert!(
+                session["properties"][field]["description"]
+                    .as_str()
+                    .is_some_and(|d| !d.is_empty()),
+                "{field} has no description"
+            );
+        }
+        let types = &session["properties"]["downloadContentTypes"];
+        assert_eq!(types["maxItems"], serde_json::json!(64), "{types}");
+        assert_eq!(types["x-kubernetes-list-type"], serde_json::json!("set"));
+        let item_rules = types["items"]["x-kubernetes-validations"].to_string();
+        assert!(item_rules.contains("type/subtype"), "{item_rules}");
+        let rules = session["x-kubernetes-validations"].to_string();
+        assert!(
+            rules.contains("downloadContentTypes only counts with blockDownloads: true")
+                && rules.contains(".downloadContentTypes"),
+            "{rules}"
+        );
+    }
 }

@@ -68,9 +68,16 @@ pub struct ConnectorStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
 
-    /// Version of the connector software.
+    /// Version of the connector software, as the connector last reported it (at
+    /// registration, renewal, and each time it pulls its configuration).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+
+    /// The version its group wants it to run, as the connector last learned it from its
+    /// configuration. When it differs from `version`, the connector should be upgraded
+    /// (the operator does it for connectors it runs; see the `UpToDate` condition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_version: Option<String>,
 
     /// The client certificate currently issued to the connector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -91,7 +98,9 @@ pub struct ConnectorStatus {
 
     /// `Connected`: True (`TunnelsUp`) while some proxy replica renews a tunnel entry,
     /// False when none holds a tunnel (`NoTunnels`) or the last entries lapsed without
-    /// being removed (`Stale`, e.g. a replica that crashed).
+    /// being removed (`Stale`, e.g. a replica that crashed). `UpToDate`: True
+    /// (`DesiredVersion`) when `version` is `desiredVersion`, False (`UpdateAvailable`)
+    /// when the group wants another one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

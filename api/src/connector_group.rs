@@ -41,6 +41,18 @@ use crate::duration::Duration;
         description = "Whether the group can carry traffic"
     ),
     printcolumn(
+        name = "VERSION",
+        type_ = "string",
+        json_path = ".status.rollout.targetVersion",
+        description = "The connector version the group should run"
+    ),
+    printcolumn(
+        name = "UP-TO-DATE",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"UpToDate\")].reason",
+        description = "Whether every connector runs that version, or why not"
+    ),
+    printcolumn(
         name = "AGE",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -48,6 +60,17 @@ use crate::duration::Duration;
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectorGroupSpec {
+    /// The connector version this group should run, for example `0.2.0`. Defaults to
+    /// the version of the operator's release (the tag of its `--connector-image`). When
+    /// it changes, connectors in this cluster roll one at a time, each new one connected
+    /// and ready before the next old one drains; connectors outside the cluster learn it
+    /// from their configuration, report it in their Connector status, and are upgraded
+    /// by whoever runs them (docs/connector-install.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    #[x_kube(validation = Rule::new(r"self.matches(r'^[A-Za-z0-9_][A-Za-z0-9_.-]*$')").message("must be a version usable as an image tag: letters, digits, '_', '.' and '-', not starting with '.' or '-' (for example 0.2.0)"))]
+    pub version: Option<String>,
+
     /// Runs the group's connectors as a Deployment in this cluster. Omit it when the
     /// connectors run outside this cluster (on VMs, as a systemd unit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -88,7 +111,10 @@ pub struct ConnectorDeployment {
     #[schemars(range(min = 0, max = 100))]
     pub replicas: i32,
 
-    /// The connector image. Defaults to the image of the operator's own release.
+    /// The connector image. Without a tag or digest (for example a mirror,
+    /// `registry.corp.example/sallyport-connector`) the group's version is its tag; with
+    /// one it is used as it is and its tag is the version. Defaults to the repository of
+    /// the operator's own release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
     #[x_kube(validation = Rule::new(r"self.matches(r'^[^\s]+$')").message("must be an image reference without spaces"))]
@@ -234,4 +260,68 @@ pub struct ConnectorGroupStatus {
     /// Name of the Secret holding the current bootstrap registration token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registration_token_secret: Option<String>,
+
+    /// The connector versions running in the group, newest rollout first: in this
+    /// cluster counted from the connector pods, outside it from the versions the
+    /// connectors report.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub versions: Vec<VersionCount>,
+
+    /// Progress of the move to the group's target version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
+}
+
+/// How many of a group's connectors run one version.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionCount {
+    /// The connector version.
+    pub version: String,
+
+    /// Connectors running it.
+    pub connectors: i32,
+
+    /// Of those, the ones ready to carry traffic (in this cluster: pods passing their
+    /// readiness probe; outside it: connectors holding tunnels).
+    pub ready: i32,
+}
+
+/// Where a group's move to its target version stands.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// The version the group should run: `spec.version`, or the operator's release.
+    pub target_version: String,
+
+    /// Connectors already running the target version.
+    pub updated_connectors: i32,
+
+    /// Connectors the group should have when the rollout is done.
+    pub desired_connectors: i32,
+
+    /// `Complete`: every connector runs the target version. `Progressing`: connectors in
+    /// this cluster are being replaced one at a time. `Halted`: a new connector did not
+    /// become ready, so no old one is replaced until the version or image is fixed.
+    /// `Waiting`: connectors outside this cluster still run another version and wait for
+    /// whoever runs them to upgrade them.
+    pub phase: RolloutPhase,
+
+    /// What is happening, in a sentence, with the reason of a halt.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// The phase of a connector rollout.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RolloutPhase {
+    /// Every connector runs the target version.
+    #[default]
+    Complete,
+    /// Connectors in this cluster are being replaced one at a time.
+    Progressing,
+    /// A new connector failed to become ready; the old ones keep serving.
+    Halted,
+    /// Connectors outside the cluster wait to be upgraded by whoever runs them.
+    Waiting,
 }

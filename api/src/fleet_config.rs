@@ -559,6 +559,12 @@ pub struct ConnectorGroupConfig {
     /// How long a Connector of the group may stay unseen before it is removed.
     #[serde(rename = "inactiveConnectorTTL")]
     pub inactive_connector_ttl: Duration,
+
+    /// The connector version the group should run (its `spec.version`, or the
+    /// operator's release). A connector running another one logs that it should be
+    /// upgraded and the fleet records both versions in its Connector status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connector_version: Option<String>,
 }
 
 /// What the connectors of one group pull: their group and its apps' backends.
@@ -667,6 +673,7 @@ mod tests {
             certificate: CertificatePolicy::default(),
             registration: Registration::default(),
             inactive_connector_ttl: Duration::from_static("240h"),
+            connector_version: None,
         }
     }
 

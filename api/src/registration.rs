@@ -48,3 +48,12 @@ pub const STATE_RENEWED_AT_ANNOTATION: &str = "sallyport.dev/state-renewed-at";
 pub fn state_secret_name(group: &str, index: usize) -> String {
     format!("{group}-connector-state-{index}")
 }
+
+/// The request header in which a connector reports its software version each time it
+/// pulls its configuration, so its Connector status follows an upgrade that kept its
+/// identity (no new registration or renewal).
+pub const CONNECTOR_VERSION_HEADER: &str = "sallyport-connector-version";
+
+/// The pod template annotation of a connector Deployment naming the connector version
+/// its image carries.
+pub const CONNECTOR_VERSION_ANNOTATION: &str = "sallyport.dev/connector-version";

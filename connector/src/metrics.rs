@@ -9,14 +9,19 @@
 //! | `sallyport_connector_backend_duration_seconds` | histogram | `app` |
 //! | `sallyport_connector_certificate_expiry_timestamp_seconds` | gauge | |
 //! | `sallyport_connector_certificate_renewal_timestamp_seconds` | gauge | |
+//! | `sallyport_connector_version_info` | gauge (1) | `version`, `desired_version` |
 //!
+//! The same listener answers `/livez` (the process is up) and `/readyz`: 200 once the
+//! connector serves tunnels to every proxy replica the fleet announced, 503 before that
+//! and from the moment it starts draining — what a rollout waits for before it stops the
+//! next old connector.
 //! `app` is the PublishedApp's id (`namespace/name`) when the group's slice serves it,
 //! else [`UNKNOWN_APP`]. The backend duration runs until the backend's response headers
 //! (or the connector's own refusal).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response, StatusCode};
@@ -75,6 +80,37 @@ pub struct ConnectorMetrics {
     duration: HistogramVec,
     certificate_expiry: IntGauge,
     certificate_renewal: IntGauge,
+    version_info: IntGaugeVec,
+    readiness: Arc<Mutex<Readiness>>,
+}
+
+/// What `/readyz` answers from.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Readiness {
+    /// Tunnels serving, to any replica.
+    serving: usize,
+    /// Announced replicas this connector holds no serving tunnel to.
+    missing: Vec<String>,
+    /// Whether the connector is draining (SIGTERM received).
+    draining: bool,
+}
+
+impl Readiness {
+    /// `None` when ready, else why not.
+    fn not_ready(&self) -> Option<String> {
+        if self.draining {
+            Some("draining: the connector is stopping".to_owned())
+        } else if self.serving == 0 {
+            Some("no tunnel to the fleet is serving yet".to_owned())
+        } else if !self.missing.is_empty() {
+            Some(format!(
+                "no serving tunnel yet to proxy replica(s) {}",
+                self.missing.join(", ")
+            ))
+        } else {
+            None
+        }
+    }
 }
 
 impl ConnectorMetrics {
@@ -139,6 +175,18 @@ impl ConnectorMetrics {
                 )
             },
         )?;
+        let version_info = register(&registry, "sallyport_connector_version_info", |name| {
+            IntGaugeVec::new(
+                Opts::new(
+                    name,
+                    "1, labelled with the connector's version and the version its group wants (empty until its configuration names one).",
+                ),
+                &["version", "desired_version"],
+            )
+        })?;
+        version_info
+            .with_label_values(&[crate::register::VERSION, ""])
+            .set(1);
         Ok(Self {
             registry,
             tunnels,
@@ -147,6 +195,8 @@ impl ConnectorMetrics {
             duration,
             certificate_expiry,
             certificate_renewal,
+            version_info,
+            readiness: Arc::default(),
         })
     }
 
@@ -164,11 +214,44 @@ impl ConnectorMetrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// Sets the tunnel gauges from the dialer's `status`.
+    /// Sets the tunnel gauges and the readiness from the dialer's `status`.
     pub fn set_tunnels(&self, status: &DialStatus) {
-        self.set_tunnels_per_replica(&status.per_replica());
+        let per_replica = status.per_replica();
+        self.set_tunnels_per_replica(&per_replica);
         self.dial_failures
             .set(i64::from(status.consecutive_failures));
+        let mut readiness = self.lock_readiness();
+        readiness.serving = status.serving();
+        readiness.missing = status
+            .replicas
+            .iter()
+            .filter(|replica| !per_replica.contains_key(*replica))
+            .cloned()
+            .collect();
+    }
+
+    /// From now on `/readyz` answers 503: the connector is draining.
+    pub fn set_draining(&self) {
+        self.lock_readiness().draining = true;
+    }
+
+    /// `None` when the connector is ready to carry traffic, else why not.
+    pub fn not_ready(&self) -> Option<String> {
+        self.lock_readiness().not_ready()
+    }
+
+    fn lock_readiness(&self) -> std::sync::MutexGuard<'_, Readiness> {
+        self.readiness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records the version the group wants (from the configuration).
+    pub fn set_desired_version(&self, desired: Option<&str>) {
+        self.version_info.reset();
+        self.version_info
+            .with_label_values(&[crate::register::VERSION, desired.unwrap_or_default()])
+            .set(1);
     }
 
     /// Sets the serving tunnels of each replica; replicas absent have none.
@@ -219,6 +302,7 @@ impl ConnectorMetrics {
                 &self.duration,
                 &self.certificate_expiry,
                 &self.certificate_renewal,
+                &self.version_info,
             ],
         )?)
     }
@@ -295,10 +379,22 @@ fn respond(path: &str, metrics: &ConnectorMetrics) -> Response<Full<Bytes>> {
             "text/plain; charset=utf-8",
             "ok\n".to_owned(),
         ),
+        "/readyz" => match metrics.not_ready() {
+            None => (
+                StatusCode::OK,
+                "text/plain; charset=utf-8",
+                "ready\n".to_owned(),
+            ),
+            Some(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                format!("not ready: {why}\n"),
+            ),
+        },
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain; charset=utf-8",
-            "not found; try /metrics\n".to_owned(),
+            "not found; try /metrics, /livez or /readyz\n".to_owned(),
         ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -312,6 +408,8 @@ fn respond(path: &str, metrics: &ConnectorMetrics) -> Response<Full<Bytes>> {
 
 #[cfg(test)]
 mod tests {
+    use sallyport_tunnel::dial::{TunnelPhase, TunnelStatus};
+
     use super::*;
 
     fn metrics() -> ConnectorMetrics {
@@ -376,6 +474,56 @@ mod tests {
         assert!(text.contains("sallyport_connector_tunnels_up{replica=\"proxy-b\"} 1"));
     }
 
+    fn status(replicas: &[&str], serving: &[&str]) -> DialStatus {
+        DialStatus {
+            tunnels: serving
+                .iter()
+                .zip(0..)
+                .map(|(replica, id)| TunnelStatus {
+                    id,
+                    address: "fleet:8443".to_owned(),
+                    phase: TunnelPhase::Serving,
+                    replica: Some((*replica).to_owned()),
+                    since: std::time::SystemTime::UNIX_EPOCH,
+                })
+                .collect(),
+            replicas: replicas.iter().map(|r| (*r).to_owned()).collect(),
+            ..DialStatus::default()
+        }
+    }
+
+    #[test]
+    fn ready_once_every_announced_replica_serves_and_not_while_draining() {
+        let metrics = metrics();
+        let ready = |m: &ConnectorMetrics| respond("/readyz", m).status();
+        assert_eq!(ready(&metrics), StatusCode::SERVICE_UNAVAILABLE);
+        metrics.set_tunnels(&status(&["a", "b"], &["a"]));
+        assert_eq!(
+            metrics.not_ready().as_deref(),
+            Some("no serving tunnel yet to proxy replica(s) b")
+        );
+        metrics.set_tunnels(&status(&["a", "b"], &["a", "b", "b"]));
+        assert_eq!(ready(&metrics), StatusCode::OK);
+        metrics.set_draining();
+        assert_eq!(ready(&metrics), StatusCode::SERVICE_UNAVAILABLE);
+        metrics.set_tunnels(&status(&["a", "b"], &["a", "b"]));
+        assert_eq!(ready(&metrics), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn the_version_info_names_both_versions() {
+        let metrics = metrics();
+        metrics.set_desired_version(Some("9.9.9"));
+        let text = text(&metrics);
+        assert!(
+            text.contains(&format!(
+                "sallyport_connector_version_info{{desired_version=\"9.9.9\",version=\"{}\"}} 1",
+                crate::register::VERSION
+            )),
+            "{text}"
+        );
+    }
+
     #[test]
     fn only_metrics_and_livez_are_served() {
         let metrics = metrics();
@@ -386,6 +534,10 @@ mod tests {
             Some(&http::HeaderValue::from_static(CONTENT_TYPE))
         );
         assert_eq!(respond("/livez", &metrics).status(), StatusCode::OK);
+        assert_eq!(
+            respond("/readyz", &metrics).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         assert_eq!(respond("/", &metrics).status(), StatusCode::NOT_FOUND);
     }
 }

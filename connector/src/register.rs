@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, ETAG, HOST, IF_NONE_MATCH, RETRY_AFTER};
-use http::{HeaderValue, Method, Request, StatusCode};
+use http::{HeaderName, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rand::Rng;
@@ -28,6 +28,7 @@ use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use sallyport_api::GroupSlice;
+use sallyport_api::registration::CONNECTOR_VERSION_HEADER;
 use sallyport_tunnel::ConnectorIdentity;
 use sallyport_tunnel::tls::{self, API_ALPN, Credentials, TlsError};
 use sallyport_tunnel::wire::{
@@ -418,7 +419,10 @@ pub async fn fetch_config(
     known_version: Option<&str>,
 ) -> Result<Option<GroupSlice>, RegisterError> {
     let credentials = credentials(state)?;
-    let mut headers = vec![];
+    let mut headers = vec![(
+        HeaderName::from_static(CONNECTOR_VERSION_HEADER),
+        HeaderValue::from_static(VERSION),
+    )];
     if let Some(version) = known_version
         && let Ok(value) = HeaderValue::from_str(&format!("\"{version}\""))
     {

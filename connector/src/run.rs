@@ -403,6 +403,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         endpoint: &endpoint,
         state: &state,
         store: &store_name,
+        metrics: &metrics,
     };
     if let Err(error) = pull_until_done(&fleet, &slice, &version_tx, &shutdown).await {
         store.release().await;
@@ -440,7 +441,21 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         tunnels,
         shutdown.clone(),
     );
-    let renew_loop = renew_certificate(&fleet, credentials, store.clone(), metrics, &shutdown);
+    // Not ready from the moment it starts draining, so a rollout waits for the next one.
+    tokio::spawn({
+        let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
+        async move {
+            shutdown.cancelled().await;
+            metrics.set_draining();
+        }
+    });
+    let renew_loop = renew_certificate(
+        &fleet,
+        credentials,
+        store.clone(),
+        metrics.clone(),
+        &shutdown,
+    );
     let (dialed, followed, renewed) =
         tokio::join!(dialer.run(shutdown.clone()), config_loop, renew_loop);
     store.release().await;
@@ -458,6 +473,7 @@ struct Fleet<'a> {
     endpoint: &'a FleetEndpoint,
     state: &'a ArcSwap<ConnectorState>,
     store: &'a str,
+    metrics: &'a ConnectorMetrics,
 }
 
 impl Fleet<'_> {
@@ -478,9 +494,18 @@ async fn pull(
     {
         let new_version = new.version.clone();
         let apps = new.apps.len();
+        let desired = new.group.connector_version.clone();
         slice.replace(new)?;
         info!(version = %new_version, apps, "configuration loaded");
         version.send_replace(new_version);
+        fleet.metrics.set_desired_version(desired.as_deref());
+        if let Some(desired) = desired.filter(|d| d != register::VERSION) {
+            warn!(
+                running = register::VERSION,
+                wanted = %desired,
+                "the connector group wants another connector version: install it and restart this connector (it drains first); see docs/connector-install.md#upgrade"
+            );
+        }
     }
     Ok(())
 }

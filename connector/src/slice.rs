@@ -839,6 +839,7 @@ mod tests {
                 certificate: CertificatePolicy::default(),
                 registration: Registration::default(),
                 inactive_connector_ttl: duration("240h"),
+                connector_version: None,
             },
             apps,
         }

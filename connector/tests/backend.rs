@@ -276,6 +276,7 @@ fn slice(version: &str, apps: Vec<SliceApp>) -> GroupSlice {
             certificate: CertificatePolicy::default(),
             registration: Registration::default(),
             inactive_connector_ttl: duration("240h"),
+            connector_version: None,
         },
         apps,
     }

@@ -631,7 +631,29 @@ impl Fleet {
         operator_args: &[&str],
         proxy_options: &ProxyOptions,
     ) -> Result<Self, StepError> {
-        let bed = Testbed::new(supervisor, Mode::ApiServer, prefix)
+        Self::start_in(
+            supervisor,
+            Mode::ApiServer,
+            prefix,
+            replicas,
+            operator_args,
+            proxy_options,
+        )
+        .await
+    }
+
+    /// Like [`Fleet::start_with`], on the shared control plane in `mode`: with
+    /// [`Mode::WithControllers`] the operator's Deployments roll out (their pods run
+    /// where a [`crate::node_agent::NodeAgent`] runs them).
+    pub async fn start_in(
+        supervisor: &Path,
+        mode: Mode,
+        prefix: &str,
+        replicas: &[&str],
+        operator_args: &[&str],
+        proxy_options: &ProxyOptions,
+    ) -> Result<Self, StepError> {
+        let bed = Testbed::new(supervisor, mode, prefix)
             .await
             .map_err(|e| e.to_string())?;
         let operator = start_operator(

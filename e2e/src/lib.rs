@@ -7,6 +7,7 @@
 //! - [`dataplane`]: backends, an HTTPS client, and the proxy and connector processes.
 //! - [`identity`]: the operator's and proxies' least-privileged ServiceAccounts, as kubeconfigs.
 //! - [`manifests`]: the repository's CRDs and examples, applied as tests need them.
+//! - [`node_agent`]: a tiny kubelet whose Node runs pods as local processes.
 //! - [`oidc`]: a real OpenID provider (panva's oidc-provider on Node.js) with scripted
 //!   users, clients, key rotation and token lifetimes.
 //! - [`process`]: Sallyport's own binaries run as real processes, killed when dropped.
@@ -26,6 +27,7 @@ pub mod dataplane;
 pub mod echo;
 pub mod identity;
 pub mod manifests;
+pub mod node_agent;
 pub mod oidc;
 pub mod process;
 pub mod risk;

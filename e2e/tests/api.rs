@@ -322,7 +322,19 @@ fn invalid_cases() -> Vec<Invalid> {
             "spec.deployment.replicas",
             "greater than or equal to 0",
         ),
+        case(
+            "ConnectorGroup",
+            json!({"version": "-1.0"}),
+            "spec.version",
+            "must be a version usable as an image tag",
+        ),
         // ConditionalAccessPolicy
+        case(
+            "ConditionalAccessPolicy",
+            json!({"session": {"blockDownloads": true, "downloadContentTypes": ["zip"]}}),
+            "spec.session.downloadContentTypes[0]",
+            "must be a media type",
+        ),
         case(
             "ConditionalAccessPolicy",
             json!({"state": "Enforced"}),
@@ -559,7 +571,15 @@ async fn kubectl_get_shows_the_printer_columns() -> TestResult {
         ),
         (
             "connectorgroups",
-            &["NAME", "DESIRED", "CONNECTED", "READY", "AGE"],
+            &[
+                "NAME",
+                "DESIRED",
+                "CONNECTED",
+                "READY",
+                "VERSION",
+                "UP-TO-DATE",
+                "AGE",
+            ],
         ),
         (
             "conditionalaccesspolicies",

@@ -132,6 +132,17 @@ async fn components_expose_metrics_that_move_and_the_dashboards_use_only_those()
         group.id
     );
     let now = unix_now();
+    // The app's own TLS certificate, by app and Secret: in the future, and a date an
+    // X.509 certificate can hold (up to the end of 9999; the test CA's rcgen
+    // certificates run to 4096).
+    let app_expiry = proxy_scrape.sum(
+        "sallyport_proxy_app_certificate_expiry_timestamp_seconds",
+        &[("app", &app_id)],
+    );
+    assert!(
+        app_expiry > now && app_expiry <= 253_402_300_799.0,
+        "{app_id}'s certificate expires at {app_expiry}:\n{proxy_text}"
+    );
     for certificate in ["tunnel-serving", "connector-issuer"] {
         let expiry = proxy_scrape.sum(
             "sallyport_proxy_certificate_expiry_timestamp_seconds",

@@ -1,5 +1,6 @@
 //! Audit events: what the operator and the fleet API did to configuration and
-//! connectors, in the stable schema [`AUDIT_SCHEMA`] (`docs/siem.md`).
+//! connectors, and the requests of monitored sessions ([`SESSION_REQUEST`]), in the
+//! stable schema [`AUDIT_SCHEMA`] (`docs/siem.md`).
 //!
 //! Fields are only ever added to this schema; a change that removes a field or changes
 //! its meaning gets a new `schema` value.
@@ -12,6 +13,10 @@ use crate::id::new_event_id;
 
 /// The value of every audit event's `schema` field.
 pub const AUDIT_SCHEMA: &str = "sallyport.dev/audit/v1";
+
+/// The action of the audit event the proxy writes for every request of a session a
+/// `monitor` session control applies to (`docs/siem.md` lists its details).
+pub const SESSION_REQUEST: &str = "session.request";
 
 /// Who did it: a Sallyport component and its replica.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

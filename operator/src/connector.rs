@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{debug, info};
 
-use crate::conditions::{Verdict, merge};
+use crate::conditions::{Verdict, merge, transitions};
 use crate::context::{Context, FIELD_MANAGER};
 use crate::error::Error;
 use crate::reconcile::{publish, retry_after_failure, transition_event};
@@ -42,6 +42,8 @@ pub const REVOCATIONS: &str = "sallyport-revoked-connectors";
 const DEFAULT_INACTIVE_TTL: Duration = Duration::from_secs(240 * 3600);
 /// The condition telling whether a connector holds tunnels to the fleet.
 pub const CONNECTED: &str = "Connected";
+/// The condition telling whether a connector runs the version its group wants.
+pub const UP_TO_DATE: &str = "UpToDate";
 /// How long a tunnel entry counts after its last renewal, by default: three of the
 /// proxies' default heartbeats (20 s).
 pub const DEFAULT_TUNNEL_STALE_AFTER: Duration = Duration::from_secs(60);
@@ -224,7 +226,10 @@ async fn maintain(connector: &Connector, ctx: &Context) -> Result<Action, Error>
     let now = Timestamp::now();
     let connectivity = connectivity(connector, ctx.config.tunnel_stale_after, now);
     remove_stale_entries(connector, &connectivity, ctx).await?;
-    write_condition(connector, &connectivity.verdict, ctx, now).await?;
+    let verdicts: Vec<Verdict> = std::iter::once(connectivity.verdict.clone())
+        .chain(up_to_date(connector))
+        .collect();
+    write_conditions(connector, &verdicts, ctx, now).await?;
     // Back when the first live entry would lapse unless renewed (a crashed replica).
     let until_stale = connectivity
         .next_deadline
@@ -276,11 +281,37 @@ async fn remove_stale_entries(
     }
 }
 
-/// Writes the `Connected` condition when it changed, with an Event when an existing
-/// condition changes status or reason.
-async fn write_condition(
+/// The `UpToDate` condition of a connector that reported both the version it runs and
+/// the one its configuration asks for (`None` until it has).
+pub fn up_to_date(connector: &Connector) -> Option<Verdict> {
+    let status = connector.status.as_ref()?;
+    let (running, desired) = (
+        status.version.as_deref()?,
+        status.desired_version.as_deref()?,
+    );
+    Some(if running == desired {
+        Verdict::ok(
+            UP_TO_DATE,
+            "DesiredVersion",
+            format!("runs {desired}, the version its group wants"),
+        )
+    } else {
+        Verdict::failed(
+            UP_TO_DATE,
+            "UpdateAvailable",
+            format!(
+                "runs {running}; its group {} wants {desired}",
+                connector.spec.connector_group
+            ),
+        )
+    })
+}
+
+/// Writes the `Connected` (and `UpToDate`) conditions when they changed, with an Event
+/// when an existing condition changes status or reason.
+async fn write_conditions(
     connector: &Connector,
-    verdict: &Verdict,
+    verdicts: &[Verdict],
     ctx: &Context,
     now: Timestamp,
 ) -> Result<(), Error> {
@@ -288,7 +319,7 @@ async fn write_condition(
         .status
         .as_ref()
         .map_or(&[], |s| s.conditions.as_slice());
-    let conditions = merge(existing, std::slice::from_ref(verdict), None, now);
+    let conditions = merge(existing, verdicts, None, now);
     if conditions == existing {
         return Ok(());
     }
@@ -306,15 +337,17 @@ async fn write_condition(
             &Patch::Apply(&patch),
         )
         .await?;
-    let previous = existing.iter().find(|c| c.type_ == CONNECTED);
-    info!(%namespace, %name, connected = verdict.status, reason = verdict.reason, message = %verdict.message, "Connected condition updated");
-    if previous.is_some_and(|c| c.reason != verdict.reason || c.status != conditions[0].status) {
-        publish(
-            ctx,
-            &connector.object_ref(&()),
-            transition_event("Connector", verdict),
-        )
-        .await;
+    for verdict in transitions(existing, verdicts) {
+        info!(%namespace, %name, condition = verdict.type_, status = verdict.status, reason = verdict.reason, message = %verdict.message, "condition updated");
+        // A new connector's first conditions are no news.
+        if existing.iter().any(|c| c.type_ == verdict.type_) {
+            publish(
+                ctx,
+                &connector.object_ref(&()),
+                transition_event("Connector", verdict),
+            )
+            .await;
+        }
     }
     Ok(())
 }

@@ -266,6 +266,10 @@ impl RunArgs {
                         .and_then(|text| parse_secret_key_ref(text).ok());
                     client
                 }),
+                connector_version: Some(connector_group::version::target_version(
+                    None,
+                    &self.connector_image,
+                )),
                 ..compile::FleetDefaults::default()
             },
             fleet: fleet::FleetSettings {

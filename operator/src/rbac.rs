@@ -37,8 +37,9 @@ fn rule(api_group: &str, resources: &[&str], verbs: &[&str]) -> PolicyRule {
 /// The cluster-wide rules: read the Sallyport API and write its status; manage Connector
 /// finalizers and expiry; the registration token and state slot Secrets, connector
 /// Deployments, and the connectors' ServiceAccounts, Roles and RoleBindings of
-/// ConnectorGroups in any namespace; read Secrets apps reference and namespace labels;
-/// publish Events.
+/// ConnectorGroups in any namespace; list connector pods (their versions and readiness
+/// are a rollout's progress); read Secrets apps reference and namespace labels; publish
+/// Events.
 pub fn cluster_rules() -> Vec<PolicyRule> {
     vec![
         rule(
@@ -68,6 +69,7 @@ pub fn cluster_rules() -> Vec<PolicyRule> {
             &["get", "list", "watch", "create", "patch"],
         ),
         rule("", &["namespaces"], &["get", "list", "watch"]),
+        rule("", &["pods"], &["list"]),
         rule(
             "apps",
             &["deployments"],

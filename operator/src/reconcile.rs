@@ -50,11 +50,16 @@ pub async fn publish(ctx: &Context, regarding: &ObjectReference, event: Event) {
 /// The longest `note` the events.k8s.io API accepts, in bytes.
 pub const EVENT_NOTE_LIMIT: usize = 1024;
 
+/// Reasons of False conditions that report work in progress, published as Normal Events.
+pub const PROGRESS_REASONS: [&str; 1] = ["RollingOut"];
+
 /// The Event announcing that a condition of an object of `kind` reached `verdict`:
-/// Normal when it holds, Warning when not, the Warning ending with what to do about it
-/// ([`crate::remedies::remedy`]). A message too long for an Event is shortened, never
-/// the remedy.
+/// Normal when it holds or reports progress ([`PROGRESS_REASONS`]), Warning when not,
+/// the Warning ending with what to do about it ([`crate::remedies::remedy`]). A message
+/// too long for an Event is shortened, never the remedy.
 pub fn transition_event(kind: &str, verdict: &Verdict) -> Event {
+    // A condition that is False while work goes as planned is no warning.
+    let warning = !verdict.status && !PROGRESS_REASONS.contains(&verdict.reason);
     let remedy = (!verdict.status)
         .then(|| crate::remedies::remedy(kind, verdict.reason))
         .flatten()
@@ -63,10 +68,10 @@ pub fn transition_event(kind: &str, verdict: &Verdict) -> Event {
     let head = format!("{} is {}: ", verdict.type_, verdict.status);
     let room = EVENT_NOTE_LIMIT.saturating_sub(head.len() + remedy.len());
     Event {
-        type_: if verdict.status {
-            EventType::Normal
-        } else {
+        type_: if warning {
             EventType::Warning
+        } else {
+            EventType::Normal
         },
         reason: verdict.reason.to_owned(),
         note: Some(format!(

@@ -55,6 +55,15 @@ pub fn remedy(kind: &str, reason: &str) -> Option<&'static str> {
         ("ConnectorGroup", "NoConnectedConnectors") => {
             "run connectors with the registration token of Secret <group>-registration (spec.deployment runs them in this cluster); kubectl describe connector NAME says why a registered one is not connected"
         }
+        ("ConnectorGroup", "RolloutHalted") => {
+            "set spec.version (or spec.deployment.image) back to the version that ran, or to a fixed one; kubectl logs on the failing pod says why it did not become ready"
+        }
+        ("ConnectorGroup", "UpgradeAvailable") => {
+            "upgrade the connectors outside the cluster: install the new binary and restart the service (it drains first), as docs/connector-install.md#upgrade says"
+        }
+        ("Connector", "UpdateAvailable") => {
+            "install the connector version its group wants and restart it (it drains first), as docs/connector-install.md#upgrade says"
+        }
         ("Connector", "NoTunnels") => {
             "check that the connector runs and reaches the fleet's tunnel address (its log says why it cannot connect); a connector whose certificate expired must register again"
         }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net};
 use sallyport_api::conditional_access_policy::{
-    ClientPlatform, IncludeExclude, PersistentBrowserSession, PolicyState, RequirementOperator,
-    RiskLevel,
+    ClientPlatform, ContentType, DEFAULT_DOWNLOAD_CONTENT_TYPES, IncludeExclude,
+    PersistentBrowserSession, PolicyState, RequirementOperator, RiskLevel,
 };
 use sallyport_api::fleet_config::Policy;
 use sallyport_api::published_app::Assignment;
@@ -163,6 +163,14 @@ pub(crate) struct CompiledPolicy {
     pub require: Option<CompiledRequirements>,
     pub sign_in_frequency: Option<std::time::Duration>,
     pub persistent_browser_session: Option<PersistentBrowserSession>,
+    /// Session control `monitor`.
+    pub monitor: bool,
+    /// Session control `readOnly`.
+    pub read_only: bool,
+    /// Session control `blockDownloads`, with the media types that count as downloads
+    /// (the policy's own, or [`DEFAULT_DOWNLOAD_CONTENT_TYPES`]); `None` when it does not
+    /// block downloads.
+    pub block_downloads: Option<Arc<[ContentType]>>,
     /// Why the policy could not be compiled: it then blocks everyone it names (an
     /// enforced policy that cannot be read fails closed).
     pub invalid: Option<String>,
@@ -227,6 +235,30 @@ impl CompiledPolicy {
                     .map_err(|e| invalid("spec.session.signInFrequency".to_owned(), e.to_string()))
             })
             .transpose()?;
+        for (index, content_type) in session.download_content_types.iter().enumerate() {
+            content_type.check().map_err(|message| {
+                invalid(
+                    format!("spec.session.downloadContentTypes[{index}]"),
+                    message,
+                )
+            })?;
+        }
+        if !session.block_downloads && !session.download_content_types.is_empty() {
+            return Err(invalid(
+                "spec.session.downloadContentTypes".to_owned(),
+                "only counts with blockDownloads: true".to_owned(),
+            ));
+        }
+        let block_downloads = session.block_downloads.then(|| {
+            if session.download_content_types.is_empty() {
+                DEFAULT_DOWNLOAD_CONTENT_TYPES
+                    .iter()
+                    .map(|t| ContentType((*t).to_owned()))
+                    .collect()
+            } else {
+                session.download_content_types.iter().cloned().collect()
+            }
+        });
         let require = policy.grant.require.as_ref().map(|r| CompiledRequirements {
             operator: r.operator,
             mfa: r.mfa,
@@ -250,6 +282,9 @@ impl CompiledPolicy {
             require,
             sign_in_frequency,
             persistent_browser_session: session.persistent_browser_session,
+            monitor: session.monitor,
+            read_only: session.read_only,
+            block_downloads,
             invalid: None,
         })
     }
@@ -271,6 +306,9 @@ impl CompiledPolicy {
             require: None,
             sign_in_frequency: None,
             persistent_browser_session: None,
+            monitor: false,
+            read_only: false,
+            block_downloads: None,
             invalid: Some(error.to_string()),
         }
     }
@@ -295,6 +333,9 @@ impl CompiledPolicy {
             require: None,
             sign_in_frequency: None,
             persistent_browser_session: None,
+            monitor: false,
+            read_only: false,
+            block_downloads: None,
             invalid: Some(format!(
                 "ConditionalAccessPolicy {id} is applied to the app but missing from the configuration"
             )),

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use sallyport_api::conditional_access_policy::{PersistentBrowserSession, RequirementOperator};
+use sallyport_api::conditional_access_policy::{
+    ContentType, PersistentBrowserSession, RequirementOperator,
+};
 use serde::Serialize;
 
 use crate::compile::{AppPolicies, CompiledPolicy, CompiledRequirements, NameList};
@@ -23,6 +25,10 @@ pub struct Decision {
 
     /// Session controls of the enforced policies that applied.
     pub session: SessionControls,
+
+    /// The per-request session controls the report-only policies that applied would
+    /// have put in force: logged, never enforced.
+    pub report_only_session: RequestControls,
 }
 
 /// What happens to a request.
@@ -228,6 +234,128 @@ pub struct SessionControls {
     /// When the session must authenticate again (its authentication time plus the
     /// shortest sign-in frequency).
     pub reauthenticate_at: Option<Timestamp>,
+    /// The controls on each request of the session.
+    pub request: RequestControls,
+}
+
+/// Session controls that act on each request of a session (`monitor`, `readOnly`,
+/// `blockDownloads`), each with the policies that ask for it, by id in the order the
+/// configuration lists them. Policies combine by union: one policy asking is enough.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestControls {
+    /// Policies asking to monitor the session.
+    pub monitor: Vec<Arc<str>>,
+    /// Policies allowing only safe methods.
+    pub read_only: Vec<Arc<str>>,
+    /// Policies blocking downloads.
+    pub block_downloads: Vec<Arc<str>>,
+    /// The media types that count as downloads: every blocking policy's, without
+    /// repeats.
+    pub download_content_types: Vec<ContentType>,
+}
+
+/// The names of the per-request session controls, as the API and the sign-in log spell
+/// them.
+pub const MONITOR: &str = "monitor";
+/// See [`MONITOR`].
+pub const READ_ONLY: &str = "readOnly";
+/// See [`MONITOR`].
+pub const BLOCK_DOWNLOADS: &str = "blockDownloads";
+
+impl RequestControls {
+    /// True when no control is in force.
+    pub fn is_empty(&self) -> bool {
+        self.monitor.is_empty() && self.read_only.is_empty() && self.block_downloads.is_empty()
+    }
+
+    /// Whether every request of the session is written to the audit stream.
+    pub fn monitors(&self) -> bool {
+        !self.monitor.is_empty()
+    }
+
+    /// Whether only safe methods may pass.
+    pub fn is_read_only(&self) -> bool {
+        !self.read_only.is_empty()
+    }
+
+    /// Whether downloads are blocked.
+    pub fn blocks_downloads(&self) -> bool {
+        !self.block_downloads.is_empty()
+    }
+
+    /// Whether `method` may pass under `readOnly`: `GET`, `HEAD` and `OPTIONS` only.
+    pub fn is_safe_method(method: &str) -> bool {
+        matches!(method, "GET" | "HEAD" | "OPTIONS")
+    }
+
+    /// Whether a response with these `Content-Disposition` and `Content-Type` header
+    /// values is a download: its disposition type is `attachment`, or its media type
+    /// (without parameters) is one of [`RequestControls::download_content_types`]. Always
+    /// false when downloads are not blocked.
+    pub fn is_download(
+        &self,
+        content_disposition: Option<&str>,
+        content_type: Option<&str>,
+    ) -> bool {
+        if !self.blocks_downloads() {
+            return false;
+        }
+        let attachment = content_disposition.is_some_and(|value| {
+            value
+                .split(';')
+                .next()
+                .is_some_and(|kind| kind.trim().eq_ignore_ascii_case("attachment"))
+        });
+        if attachment {
+            return true;
+        }
+        let Some(essence) = content_type
+            .and_then(|value| value.split(';').next())
+            .map(|essence| essence.trim().to_ascii_lowercase())
+            .filter(|essence| !essence.is_empty())
+        else {
+            return false;
+        };
+        self.download_content_types
+            .iter()
+            .any(|listed| listed.matches(&essence))
+    }
+
+    /// The controls (`monitor`, `readOnly`, `blockDownloads`) that policy `id` asks
+    /// for.
+    pub fn of_policy(&self, id: &str) -> Vec<&'static str> {
+        [
+            (MONITOR, &self.monitor),
+            (READ_ONLY, &self.read_only),
+            (BLOCK_DOWNLOADS, &self.block_downloads),
+        ]
+        .into_iter()
+        .filter(|(_, policies)| policies.iter().any(|p| p.as_ref() == id))
+        .map(|(name, _)| name)
+        .collect()
+    }
+
+    /// Adds `policy`'s controls.
+    fn add(&mut self, policy: &CompiledPolicy) {
+        if policy.monitor {
+            self.monitor.push(Arc::clone(&policy.id));
+        }
+        if policy.read_only {
+            self.read_only.push(Arc::clone(&policy.id));
+        }
+        if let Some(types) = &policy.block_downloads {
+            self.block_downloads.push(Arc::clone(&policy.id));
+            for content_type in types.iter() {
+                if !self
+                    .download_content_types
+                    .iter()
+                    .any(|t| t.as_str().eq_ignore_ascii_case(content_type.as_str()))
+                {
+                    self.download_content_types.push(content_type.clone());
+                }
+            }
+        }
+    }
 }
 
 impl AppPolicies {
@@ -238,6 +366,7 @@ impl AppPolicies {
                 outcome: Outcome::NotAssigned,
                 policies: Vec::new(),
                 session: SessionControls::default(),
+                report_only_session: RequestControls::default(),
             };
         }
         let user = context.user_name.to_ascii_lowercase();
@@ -253,6 +382,7 @@ impl AppPolicies {
         let mut denied: Option<(Arc<str>, Vec<Requirement>)> = None;
         let mut step_up = StepUp::default();
         let mut session = SessionControls::default();
+        let mut report_only_session = RequestControls::default();
         for policy in &self.policies {
             let verdict = subject.verdict(policy);
             if !policy.report_only {
@@ -272,6 +402,8 @@ impl AppPolicies {
                 if !matches!(verdict, PolicyVerdict::NotApplied(_)) {
                     add_session_controls(&mut session, policy, context);
                 }
+            } else if !matches!(verdict, PolicyVerdict::NotApplied(_)) {
+                report_only_session.add(policy);
             }
             policies.push(PolicyResult {
                 policy: Arc::clone(&policy.id),
@@ -294,6 +426,7 @@ impl AppPolicies {
             outcome,
             policies,
             session,
+            report_only_session,
         }
     }
 
@@ -395,6 +528,7 @@ fn add_session_controls(
         (_, None) | (Some(PersistentBrowserSession::Never), _) => {}
         (_, Some(choice)) => session.persistent_browser_session = Some(choice),
     }
+    session.request.add(policy);
 }
 
 /// The sign-in being decided, with the user's names folded once.

@@ -20,7 +20,12 @@
 //!      a fresh sign-in) is a [`Outcome::StepUp`]; what they cannot (group membership) is
 //!      [`Outcome::Denied`];
 //!    - `ReportOnly` policies get a result in [`Decision::policies`] and never change the
-//!      outcome.
+//!      outcome;
+//!    - the session controls of the applying `Enabled` policies combine into
+//!      [`Decision::session`]: the shortest sign-in frequency, `Never` over `Always`, and
+//!      the union of the per-request controls ([`RequestControls`]: `monitor`,
+//!      `readOnly`, `blockDownloads`). Applying `ReportOnly` policies' per-request
+//!      controls are reported in [`Decision::report_only_session`], never enforced.
 //!
 //! [`SignInEvent`] is the sign-in log's line: the decision with its context, in a stable,
 //! documented JSON schema (`docs/sign-in-log.md`).
@@ -35,8 +40,11 @@ mod time_window;
 pub use compile::{AppPolicies, CompileError, PolicySet};
 pub use context::{MfaSettings, SignInContext, platform_from_user_agent};
 pub use evaluate::{
-    Decision, NotApplied, Outcome, PolicyResult, PolicyVerdict, Requirement, SessionControls,
-    StepUp,
+    BLOCK_DOWNLOADS, Decision, MONITOR, NotApplied, Outcome, PolicyResult, PolicyVerdict,
+    READ_ONLY, RequestControls, Requirement, SessionControls, StepUp,
 };
 pub use risk_detection::{RiskDetection, RiskDetectionKind, RiskScope};
-pub use sign_in_log::{Location, SIGN_IN_LOG_SCHEMA, SignInEvent, SignInEventPolicy, SignInStage};
+pub use sign_in_log::{
+    Location, SIGN_IN_LOG_SCHEMA, SignInEvent, SignInEventPolicy, SignInEventSessionControls,
+    SignInStage,
+};

@@ -6,11 +6,15 @@
 use std::net::IpAddr;
 
 use jiff::Timestamp;
-use sallyport_api::conditional_access_policy::{ClientPlatform, RiskLevel};
+use sallyport_api::conditional_access_policy::{
+    ClientPlatform, PersistentBrowserSession, RiskLevel,
+};
 use serde::Serialize;
 
 use crate::context::SignInContext;
-use crate::evaluate::{Decision, NotApplied, Outcome, PolicyVerdict, Requirement};
+use crate::evaluate::{
+    Decision, NotApplied, Outcome, PolicyVerdict, RequestControls, Requirement, SessionControls,
+};
 use crate::risk_detection::RiskDetection;
 
 /// The value of every sign-in log line's `schema` field.
@@ -73,6 +77,15 @@ pub struct SignInEvent<'a> {
     pub risk_detections: &'a [RiskDetection],
     /// Every enforced and report-only policy of the app with its result.
     pub policies: Vec<SignInEventPolicy<'a>>,
+    /// The session controls in force, from the enforced policies that apply; absent
+    /// when none is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_controls: Option<SignInEventSessionControls<'a>>,
+    /// The per-request session controls (`monitor`, `readOnly`, `blockDownloads`) the
+    /// report-only policies that apply would put in force; never enforced. Absent when
+    /// none would.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report_only_session_controls: Option<SignInEventSessionControls<'a>>,
     /// The final decision: `allowed`, `notAssigned`, `blocked`, `denied` or `stepUp`.
     pub decision: &'static str,
     /// Why, in words.
@@ -85,6 +98,69 @@ pub struct SignInEvent<'a> {
 pub struct Location {
     /// `loopback`, `private` (RFC 1918, unique local, link-local) or `public`.
     pub network: &'static str,
+}
+
+/// Session controls in a sign-in log line. The per-request controls list the policies
+/// (`namespace/name`) that ask for them; a control no policy asks for is left out.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SignInEventSessionControls<'a> {
+    /// The shortest sign-in frequency, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sign_in_frequency_seconds: Option<u64>,
+    /// When the session must authenticate again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reauthenticate_at: Option<Timestamp>,
+    /// `Always` or `Never`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub persistent_browser_session: Option<PersistentBrowserSession>,
+    /// Policies asking to monitor every request of the session.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub monitor: Vec<&'a str>,
+    /// Policies allowing only safe methods.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub read_only: Vec<&'a str>,
+    /// Policies blocking downloads.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub block_downloads: Vec<&'a str>,
+    /// The media types that count as downloads (with `blockDownloads`).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    pub download_content_types: Vec<&'a str>,
+}
+
+impl<'a> SignInEventSessionControls<'a> {
+    /// The session controls of a decision, `None` when none is in force.
+    fn of(session: &'a SessionControls) -> Option<Self> {
+        let mut controls = Self::request(&session.request);
+        controls.sign_in_frequency_seconds = session.sign_in_frequency.map(|f| f.as_secs());
+        controls.reauthenticate_at = session.reauthenticate_at;
+        controls.persistent_browser_session = session.persistent_browser_session;
+        let none = controls.sign_in_frequency_seconds.is_none()
+            && controls.persistent_browser_session.is_none()
+            && session.request.is_empty();
+        (!none).then_some(controls)
+    }
+
+    /// The per-request controls alone.
+    fn request(request: &'a RequestControls) -> Self {
+        let ids = |policies: &'a [std::sync::Arc<str>]| {
+            policies
+                .iter()
+                .map(|p| p.as_ref())
+                .collect::<Vec<&'a str>>()
+        };
+        Self {
+            monitor: ids(&request.monitor),
+            read_only: ids(&request.read_only),
+            block_downloads: ids(&request.block_downloads),
+            download_content_types: request
+                .download_content_types
+                .iter()
+                .map(|t| t.as_str())
+                .collect(),
+            ..Self::default()
+        }
+    }
 }
 
 /// One policy's result in a sign-in log line.
@@ -163,6 +239,9 @@ impl<'a> SignInEvent<'a> {
             user_risk: context.user_risk,
             risk_detections: &[],
             policies,
+            session_controls: SignInEventSessionControls::of(&decision.session),
+            report_only_session_controls: (!decision.report_only_session.is_empty())
+                .then(|| SignInEventSessionControls::request(&decision.report_only_session)),
             decision: decision.outcome.name(),
             reason: reason(decision),
         }

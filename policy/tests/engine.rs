@@ -18,8 +18,8 @@ use sallyport_api::fleet_config::Policy;
 use sallyport_api::published_app::Assignment;
 use sallyport_policy::{
     CompileError, Decision, MfaSettings, NotApplied, Outcome, PolicySet, PolicyVerdict,
-    Requirement, SIGN_IN_LOG_SCHEMA, SignInContext, SignInEvent, SignInStage, StepUp,
-    platform_from_user_agent,
+    RequestControls, Requirement, SIGN_IN_LOG_SCHEMA, SignInContext, SignInEvent, SignInStage,
+    StepUp, platform_from_user_agent,
 };
 use serde_json::Value;
 
@@ -1277,6 +1277,21 @@ fn compile_errors_name_the_policy_and_field() {
             "session: {signInFrequency: 0s}",
             "spec.session.signInFrequency",
         ),
+        (
+            "download content type without a subtype",
+            "session: {blockDownloads: true, downloadContentTypes: [application/zip, application]}",
+            "spec.session.downloadContentTypes[1]",
+        ),
+        (
+            "download content type with parameters",
+            "session: {blockDownloads: true, downloadContentTypes: ['text/csv; charset=utf-8']}",
+            "spec.session.downloadContentTypes[0]",
+        ),
+        (
+            "download content types without blocking downloads",
+            "session: {downloadContentTypes: [application/zip]}",
+            "spec.session.downloadContentTypes",
+        ),
     ];
     for (name, body, field) in cases {
         let yaml = format!("assignments: {{users: {{include: ['*']}}}}\n{body}");
@@ -1329,6 +1344,7 @@ fn compile_errors_name_the_policy_and_field() {
         "conditions: {times: [{from: '00:00', to: '24:00', timeZone: America/New_York}]}",
         "conditions: {locations: {include: ['::/0', 0.0.0.0/0], exclude: ['::ffff:0:0/96']}}",
         "session: {signInFrequency: 1h30m}",
+        "session: {monitor: true, readOnly: true, blockDownloads: true, downloadContentTypes: [video/*, application/PDF]}",
     ] {
         let yaml = format!("assignments: {{users: {{include: ['*']}}}}\n{body}");
         assert_eq!(PolicySet::check(&policy("ok", &yaml)), Ok(()), "{body}");
@@ -2219,6 +2235,296 @@ fn session_controls_of_the_applying_enforced_policies() {
     );
 }
 
+/// The policy ids in `controls`' lists, as `(monitor, readOnly, blockDownloads)`.
+fn request_ids(controls: &RequestControls) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let ids = |list: &[Arc<str>]| list.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+    (
+        ids(&controls.monitor),
+        ids(&controls.read_only),
+        ids(&controls.block_downloads),
+    )
+}
+
+#[test]
+fn per_request_session_controls_combine_by_union() {
+    let monitor = format!("{EVERYONE}\nsession: {{monitor: true}}");
+    let read_only = format!("{EVERYONE}\nsession: {{readOnly: true}}");
+    let downloads = format!("{EVERYONE}\nsession: {{blockDownloads: true}}");
+    let pdf = format!(
+        "{EVERYONE}\nsession: {{blockDownloads: true, downloadContentTypes: [application/pdf, video/*]}}"
+    );
+    let all_three =
+        format!("{EVERYONE}\nsession: {{monitor: true, readOnly: true, blockDownloads: true}}");
+    let monitor_report_only = format!("state: ReportOnly\n{monitor}");
+    let read_only_report_only = format!("state: ReportOnly\n{read_only}");
+    let monitor_for_bob = "assignments: {users: {include: [bob]}}\nsession: {monitor: true}";
+    let read_only_blocked =
+        format!("{EVERYONE}\ngrant: {{block: true}}\nsession: {{readOnly: true}}");
+    let off = format!("{EVERYONE}\nsession: {{monitor: false, readOnly: false}}");
+
+    type Ids<'a> = &'a [&'a str];
+    /// name, policies, enforced (monitor, readOnly, blockDownloads), report-only ones
+    type Row<'a> = (&'a str, Vec<(&'a str, &'a str)>, [Ids<'a>; 3], [Ids<'a>; 3]);
+    let cases: Vec<Row> = vec![
+        (
+            "none",
+            vec![("a", EVERYONE)],
+            [&[], &[], &[]],
+            [&[], &[], &[]],
+        ),
+        (
+            "explicitly off",
+            vec![("a", &off)],
+            [&[], &[], &[]],
+            [&[], &[], &[]],
+        ),
+        (
+            "monitor",
+            vec![("a", &monitor)],
+            [&["t/a"], &[], &[]],
+            [&[], &[], &[]],
+        ),
+        (
+            "read-only",
+            vec![("a", &read_only)],
+            [&[], &["t/a"], &[]],
+            [&[], &[], &[]],
+        ),
+        (
+            "downloads",
+            vec![("a", &downloads)],
+            [&[], &[], &["t/a"]],
+            [&[], &[], &[]],
+        ),
+        (
+            "one policy with all three",
+            vec![("a", &all_three)],
+            [&["t/a"], &["t/a"], &["t/a"]],
+            [&[], &[], &[]],
+        ),
+        (
+            "union of several policies, each listed",
+            vec![
+                ("a", &monitor),
+                ("b", &read_only),
+                ("c", &all_three),
+                ("d", &pdf),
+            ],
+            [&["t/a", "t/c"], &["t/b", "t/c"], &["t/c", "t/d"]],
+            [&[], &[], &[]],
+        ),
+        (
+            "report-only is reported, not enforced",
+            vec![("a", &monitor_report_only), ("b", &read_only_report_only)],
+            [&[], &[], &[]],
+            [&["t/a"], &["t/b"], &[]],
+        ),
+        (
+            "report-only beside an enforced one",
+            vec![("a", &monitor), ("b", &monitor_report_only)],
+            [&["t/a"], &[], &[]],
+            [&["t/b"], &[], &[]],
+        ),
+        (
+            "a policy that does not apply adds nothing",
+            vec![("a", monitor_for_bob), ("b", &read_only)],
+            [&[], &["t/b"], &[]],
+            [&[], &[], &[]],
+        ),
+    ];
+    for (name, rows, enforced, report_only) in cases {
+        let decision = decide(&policies(&rows), no_mfa_acr(), &Sign::default());
+        assert_eq!(decision.outcome, Outcome::Allowed, "{name}");
+        let strings = |ids: Ids| ids.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            request_ids(&decision.session.request),
+            (
+                strings(enforced[0]),
+                strings(enforced[1]),
+                strings(enforced[2])
+            ),
+            "{name}: enforced"
+        );
+        assert_eq!(
+            request_ids(&decision.report_only_session),
+            (
+                strings(report_only[0]),
+                strings(report_only[1]),
+                strings(report_only[2])
+            ),
+            "{name}: report-only"
+        );
+        let request = &decision.session.request;
+        assert_eq!(request.monitors(), !enforced[0].is_empty(), "{name}");
+        assert_eq!(request.is_read_only(), !enforced[1].is_empty(), "{name}");
+        assert_eq!(
+            request.blocks_downloads(),
+            !enforced[2].is_empty(),
+            "{name}"
+        );
+    }
+    // Controls of an applying enforced policy hold whatever its grant says.
+    let decision = decide(
+        &policies(&[("a", &read_only_blocked)]),
+        no_mfa_acr(),
+        &Sign::default(),
+    );
+    assert_eq!(decision.outcome, blocked("t/a"));
+    assert!(decision.session.request.is_read_only());
+    // The controls a policy asks for, by name.
+    let decision = decide(
+        &policies(&[("a", &monitor), ("c", &all_three)]),
+        no_mfa_acr(),
+        &Sign::default(),
+    );
+    assert_eq!(decision.session.request.of_policy("t/a"), ["monitor"]);
+    assert_eq!(
+        decision.session.request.of_policy("t/c"),
+        ["monitor", "readOnly", "blockDownloads"]
+    );
+    assert!(decision.session.request.of_policy("t/x").is_empty());
+}
+
+#[test]
+fn downloads_are_recognised_by_disposition_and_content_type() {
+    let defaults = decide(
+        &policies(&[(
+            "a",
+            &format!("{EVERYONE}\nsession: {{blockDownloads: true}}"),
+        )]),
+        no_mfa_acr(),
+        &Sign::default(),
+    )
+    .session
+    .request;
+    let listed = decide(
+        &policies(&[
+            (
+                "a",
+                &format!(
+                    "{EVERYONE}\nsession: {{blockDownloads: true, downloadContentTypes: [application/PDF, video/*]}}"
+                ),
+            ),
+            (
+                "b",
+                &format!(
+                    "{EVERYONE}\nsession: {{blockDownloads: true, downloadContentTypes: [application/pdf, text/csv]}}"
+                ),
+            ),
+        ]),
+        no_mfa_acr(),
+        &Sign::default(),
+    )
+    .session
+    .request;
+    let types: Vec<&str> = listed
+        .download_content_types
+        .iter()
+        .map(|t| t.as_str())
+        .collect();
+    assert_eq!(
+        types,
+        ["application/PDF", "video/*", "text/csv"],
+        "union, no repeats"
+    );
+    let not_blocking = RequestControls::default();
+
+    /// name, Content-Disposition, Content-Type, download with defaults?, with the lists?
+    type Row<'a> = (&'a str, Option<&'a str>, Option<&'a str>, bool, bool);
+    let cases: &[Row] = &[
+        (
+            "a page",
+            None,
+            Some("text/html; charset=utf-8"),
+            false,
+            false,
+        ),
+        ("no headers", None, None, false, false),
+        (
+            "attachment",
+            Some("attachment; filename=\"report.pdf\""),
+            Some("text/html"),
+            true,
+            true,
+        ),
+        (
+            "attachment, other case",
+            Some("Attachment"),
+            None,
+            true,
+            true,
+        ),
+        (
+            "inline",
+            Some("inline; filename=a.zip"),
+            Some("text/plain"),
+            false,
+            false,
+        ),
+        (
+            "a filename alone is no attachment",
+            Some("filename=attachment"),
+            None,
+            false,
+            false,
+        ),
+        (
+            "octet-stream",
+            None,
+            Some("application/octet-stream"),
+            true,
+            false,
+        ),
+        (
+            "zip with a parameter",
+            None,
+            Some("Application/Zip; x=1"),
+            true,
+            false,
+        ),
+        ("pdf", None, Some("application/pdf"), false, true),
+        ("video by wildcard", None, Some("video/mp4"), false, true),
+        (
+            "csv from the second policy",
+            None,
+            Some("text/csv;charset=utf-8"),
+            false,
+            true,
+        ),
+        ("empty type", None, Some(" ; x=1"), false, false),
+    ];
+    for (name, disposition, content_type, with_defaults, with_lists) in cases {
+        assert_eq!(
+            defaults.is_download(*disposition, *content_type),
+            *with_defaults,
+            "{name}: defaults"
+        );
+        assert_eq!(
+            listed.is_download(*disposition, *content_type),
+            *with_lists,
+            "{name}: lists"
+        );
+        assert!(
+            !not_blocking.is_download(*disposition, *content_type),
+            "{name}: nothing is a download when downloads are not blocked"
+        );
+    }
+    for (method, safe) in [
+        ("GET", true),
+        ("HEAD", true),
+        ("OPTIONS", true),
+        ("POST", false),
+        ("PUT", false),
+        ("PATCH", false),
+        ("DELETE", false),
+        ("CONNECT", false),
+        ("TRACE", false),
+        ("get", false),
+    ] {
+        assert_eq!(RequestControls::is_safe_method(method), safe, "{method}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // What the proxy keeps: the named groups
 // ---------------------------------------------------------------------------------------
@@ -2394,6 +2700,80 @@ fn sign_in_event_json_reads_back_field_by_field() {
         Some(4),
         "{line}"
     );
+    // The session controls in force: a-mfa's frequency; nothing per request.
+    expect("sessionControls.signInFrequencySeconds", json!(8 * 3600));
+    expect(
+        "sessionControls.reauthenticateAt",
+        json!("2026-07-08T17:50:00Z"),
+    );
+    for absent in [
+        "monitor",
+        "readOnly",
+        "blockDownloads",
+        "persistentBrowserSession",
+    ] {
+        assert!(
+            event["sessionControls"].get(absent).is_none(),
+            "{absent}: {line}"
+        );
+    }
+    assert!(event.get("reportOnlySessionControls").is_none(), "{line}");
+
+    // Per-request controls, enforced and report-only.
+    let controls = policies(&[
+        (
+            "m-monitor",
+            &format!("{EVERYONE}\nsession: {{monitor: true, persistentBrowserSession: Never}}"),
+        ),
+        (
+            "r-readonly",
+            &format!(
+                "{EVERYONE}\nsession: {{readOnly: true, blockDownloads: true, downloadContentTypes: [application/pdf]}}"
+            ),
+        ),
+        (
+            "w-watch",
+            &format!(
+                "state: ReportOnly\n{EVERYONE}\nsession: {{monitor: true, blockDownloads: true}}"
+            ),
+        ),
+    ]);
+    let (controls_set, errors) = PolicySet::compile(&controls, no_mfa_acr());
+    assert!(errors.is_empty(), "{errors:?}");
+    let controls_app = controls_set.app(APP, &Assignment::default(), &ids(&controls));
+    let sign = Sign::default();
+    let context = sign.context();
+    let decision = controls_app.evaluate(&context);
+    let line = SignInEvent::new(APP, SignInStage::Request, &context, &decision).to_json();
+    let controlled: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(
+        controlled["sessionControls"],
+        json!({
+            "persistentBrowserSession": "Never",
+            "monitor": ["t/m-monitor"],
+            "readOnly": ["t/r-readonly"],
+            "blockDownloads": ["t/r-readonly"],
+            "downloadContentTypes": ["application/pdf"],
+        }),
+        "{line}"
+    );
+    assert_eq!(
+        controlled["reportOnlySessionControls"]["monitor"],
+        json!(["t/w-watch"]),
+        "{line}"
+    );
+    assert_eq!(
+        controlled["reportOnlySessionControls"]["blockDownloads"],
+        json!(["t/w-watch"]),
+        "{line}"
+    );
+    assert!(
+        controlled["reportOnlySessionControls"]
+            .get("readOnly")
+            .is_none(),
+        "{line}"
+    );
+    assert_eq!(controlled["decision"], json!("allowed"), "{line}");
 
     // Outcome by outcome: the decision name and the reason, without optional ids.
     // name, policies, sign-in, decision, reason

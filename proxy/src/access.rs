@@ -148,6 +148,15 @@ impl Subject {
         self
     }
 
+    /// The same subject with the user risk the risk state holds now for the user
+    /// ([`sallyport_risk::RiskEngine::current_user_risk`]): the session's user risk
+    /// becomes the higher of it and the sign-in's, so failures recorded since the
+    /// sign-in (by any replica sharing the store) reach the session without a new one.
+    pub fn with_current_user_risk(mut self, current: Option<RiskLevel>) -> Self {
+        self.user_risk = self.user_risk.max(current);
+        self
+    }
+
     /// The risk detections that fired at the sign-in (only at the sign-in itself).
     pub fn risk_detections(&self) -> &[RiskDetection] {
         &self.risk_detections
@@ -209,6 +218,9 @@ struct DecisionKey {
     session: Box<str>,
     client_ip: IpAddr,
     platform: Option<ClientPlatform>,
+    /// The user risk policy sees (0 none, 1 low ... 3 high): a risk raised between
+    /// sign-ins is decided afresh at once.
+    user_risk: u8,
 }
 
 #[derive(Debug, Clone)]
@@ -269,6 +281,12 @@ impl AccessControl {
             session: subject.session.id.as_str().into(),
             client_ip: subject.client_ip,
             platform: subject.platform,
+            user_risk: match subject.user_risk {
+                None => 0,
+                Some(RiskLevel::Low) => 1,
+                Some(RiskLevel::Medium) => 2,
+                Some(RiskLevel::High) => 3,
+            },
         };
         let now = Instant::now();
         if let Some(cached) = self.cache.get(&key)

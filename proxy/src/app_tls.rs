@@ -5,6 +5,8 @@
 //! Certificates are indexed by the route's host (exact or wildcard), so a request's SNI
 //! finds the certificate of the app it is for. A Secret that cannot be read or used is
 //! logged and its hosts get no certificate (their handshakes fail); the others serve.
+//! Each app's certificate expiry is exported for the metrics at every load (every new
+//! configuration and every [`RELOAD_EVERY`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,7 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::certs::{CertError, CertificateStore, certified_key_from_pem};
+use crate::certs::{CertError, CertificateStore, certified_key_from_pem, not_after_of};
 
 /// How often certificates are re-read, to pick up renewals (e.g. by cert-manager).
 pub const RELOAD_EVERY: Duration = Duration::from_secs(60);
@@ -130,10 +132,12 @@ impl SecretSource {
     }
 }
 
-/// Loads the certificate of every route of `config` into `store`.
+/// Loads the certificate of every route of `config` into `store`, and sets each app's
+/// certificate expiry in the metrics (`sallyport_proxy_app_certificate_expiry_timestamp_seconds`).
 pub async fn load(store: &CertificateStore, source: &SecretSource, config: &FleetConfig) {
     let mut keys: BTreeMap<(String, String), Option<Arc<CertifiedKey>>> = BTreeMap::new();
     let mut entries = Vec::with_capacity(config.routes.len());
+    let mut expiry = Vec::with_capacity(config.routes.len());
     for route in &config.routes {
         let secret = &route.tls.secret_ref;
         let id = (secret.namespace.clone(), secret.name.clone());
@@ -152,6 +156,10 @@ pub async fn load(store: &CertificateStore, source: &SecretSource, config: &Flee
             }
         };
         if let Some(key) = key {
+            let secret = format!("{}/{}", secret.namespace, secret.name);
+            if let Some(not_after) = not_after_of(&key) {
+                expiry.push((route.app.clone(), secret, not_after));
+            }
             entries.push((route.host.clone(), key));
         }
     }
@@ -161,6 +169,10 @@ pub async fn load(store: &CertificateStore, source: &SecretSource, config: &Flee
         "app certificates loaded"
     );
     store.replace(entries);
+    // An app with several routes (ports, paths) is one series per Secret.
+    expiry.sort();
+    expiry.dedup();
+    crate::metrics::app_certificate_expiry(&expiry);
 }
 
 /// Keeps `store` current: on every new configuration and every [`RELOAD_EVERY`].

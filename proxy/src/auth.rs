@@ -84,8 +84,8 @@ const INTERSTITIAL_SCRIPT: &str = "location.replace(\"/.sallyport/sign-in?return
 
 /// What the gate decided for a request.
 pub enum Gate {
-    /// Forward it, as this user.
-    Pass(Arc<Subject>),
+    /// Forward it, as this user, under the decision's session controls.
+    Pass(Arc<Subject>, Arc<Decision>),
     /// Answer it with this (sign-in interstitial, 401, 403 ...).
     Answer(Response<TunnelBody>),
 }
@@ -329,12 +329,16 @@ impl Authenticator {
         let Some(session) = session else {
             return Gate::Answer(self.sign_in_required(request, origin, request_id, false));
         };
-        let subject = Arc::new(Subject::new(
-            Arc::new(session),
-            client_ip,
-            request.headers().get(header::USER_AGENT),
-            self.access.settings(),
-        ));
+        let current_user_risk = self.risk.current_user_risk(&session.user_name);
+        let subject = Arc::new(
+            Subject::new(
+                Arc::new(session),
+                client_ip,
+                request.headers().get(header::USER_AGENT),
+                self.access.settings(),
+            )
+            .with_current_user_risk(current_user_risk),
+        );
         let Some(policies) = route.policies() else {
             // Only OIDC routes come here, and each has its policies.
             return Gate::Answer(self.failure(
@@ -348,7 +352,7 @@ impl Authenticator {
             .access
             .decide(generation, route_index, policies, &subject, request_id);
         match &decision.outcome {
-            Outcome::Allowed => Gate::Pass(subject),
+            Outcome::Allowed => Gate::Pass(subject, Arc::clone(&decision)),
             Outcome::StepUp(_) => {
                 info!(app = %route.app, user = %subject.session.user_name, session = %subject.session.id, %request_id, "conditional access asks the user to sign in again (step-up)");
                 Gate::Answer(self.sign_in_required(request, origin, request_id, true))

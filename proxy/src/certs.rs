@@ -8,7 +8,8 @@
 //! a lookup never takes a lock or allocates.
 //!
 //! Certificates come from `kubernetes.io/tls` Secrets: [`certified_key_from_pem`] reads
-//! one, and [`hosts_of`] lists the names it is valid for so it can be indexed by them.
+//! one, [`hosts_of`] lists the names it is valid for so it can be indexed by them, and
+//! [`not_after_of`] tells when it expires (for the metrics).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,6 +65,14 @@ pub fn certified_key_from_pem(
         }
         Err(error) => Err(CertError::KeyMismatch(error)),
     }
+}
+
+/// When the leaf certificate of `key` expires (notAfter), in Unix seconds; `None` when
+/// it cannot be parsed.
+pub fn not_after_of(key: &CertifiedKey) -> Option<i64> {
+    let leaf = key.cert.first()?;
+    let (_, certificate) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(certificate.validity().not_after.timestamp())
 }
 
 /// The DNS names (subject alternative names) the leaf of `chain` is valid for, lower
@@ -238,6 +247,14 @@ mod tests {
             Err(CertError::Pem(TlsError::Certificates { .. }))
         ));
         assert!(no_chain.is_err_and(|e| e.to_string().contains("TLS certificate chain")));
+    }
+
+    #[test]
+    fn the_leafs_expiry_is_read() {
+        let (_, key) = self_signed(&["app.example.com"]);
+        let not_after = not_after_of(&key).unwrap_or_else(|| panic!("no notAfter"));
+        // rcgen's default validity runs to 4096.
+        assert!(not_after > 4_000_000_000, "{not_after}");
     }
 
     #[test]

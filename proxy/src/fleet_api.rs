@@ -33,8 +33,9 @@
 //! `client` (the peer address, when the listener put a [`ClientAddress`] in the request's
 //! extensions).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -47,6 +48,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Body;
 use sallyport_api::FleetConfig;
 use sallyport_api::fleet_config::{ConnectorGroupConfig, GroupSlice};
+use sallyport_api::registration::CONNECTOR_VERSION_HEADER;
 use sallyport_events::{AuditEvent, ObjectRef, Outcome};
 use sallyport_tunnel::ConnectorIdentity;
 use sallyport_tunnel::body::{BoxError, TunnelBody, full};
@@ -61,7 +63,9 @@ use time::format_description::well_known::Rfc3339;
 use tracing::{debug, error, info, warn};
 
 use crate::issuer::{CheckedCsr, CsrError, IssuedCertificate, Issuer};
-use crate::registry::{ConnectorRecord, RecordEvent, RegistrationError, Registry, split_group_id};
+use crate::registry::{
+    ConnectorRecord, RecordEvent, RegistrationError, Registry, VersionReport, split_group_id,
+};
 
 /// The largest request body accepted.
 pub const MAX_BODY_LEN: usize = 64 * 1024;
@@ -97,6 +101,9 @@ pub struct FleetApi {
     issuer: Arc<ArcSwap<Issuer>>,
     registry: Arc<dyn Registry>,
     config: Arc<ArcSwap<FleetConfig>>,
+    /// The versions each connector last reported to this replica and that were
+    /// recorded: a report is written only when it changes.
+    reported_versions: Arc<Mutex<HashMap<String, ReportedVersions>>>,
 }
 
 impl std::fmt::Debug for FleetApi {
@@ -106,6 +113,9 @@ impl std::fmt::Debug for FleetApi {
             .finish_non_exhaustive()
     }
 }
+
+/// The version a connector runs and the one its configuration wants, as last recorded.
+type ReportedVersions = (String, Option<String>);
 
 /// Which route a request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -407,6 +417,7 @@ impl FleetApi {
             issuer,
             registry,
             config,
+            reported_versions: Arc::default(),
         }
     }
 
@@ -707,6 +718,7 @@ impl FleetApi {
         let etag = HeaderValue::from_str(&format!("\"{}\"", slice.version))
             .map_err(|e| Refusal::internal("Internal", format!("slice version: {e}")))?;
         let unchanged = matches_version(request.headers(), &slice.version);
+        self.record_reported_version(request, &identity, slice.group.connector_version.clone());
         debug!(
             event = Route::Config.event(),
             group = %group_id,
@@ -725,6 +737,60 @@ impl FleetApi {
         };
         response.headers_mut().insert(ETAG, etag);
         Ok(response)
+    }
+
+    /// Records, in the background, the version a connector pulling its configuration
+    /// reports in [`CONNECTOR_VERSION_HEADER`] and the one `desired` by that
+    /// configuration, when they differ from what this replica last recorded. A missing
+    /// or malformed header (an older connector) records nothing.
+    fn record_reported_version<B>(
+        &self,
+        request: &Request<B>,
+        identity: &ConnectorIdentity,
+        desired: Option<String>,
+    ) {
+        let Some(version) = request
+            .headers()
+            .get(CONNECTOR_VERSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| check_text("version", v, MAX_VERSION_LEN).is_ok())
+        else {
+            return;
+        };
+        let connector = identity.connector_id();
+        let report = (version.to_owned(), desired.clone());
+        {
+            let mut reported = self
+                .reported_versions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if reported.get(&connector) == Some(&report) {
+                return;
+            }
+            reported.insert(connector.clone(), report.clone());
+        }
+        let registry = self.registry.clone();
+        let reported = self.reported_versions.clone();
+        let report = VersionReport {
+            identity: identity.clone(),
+            version: version.to_owned(),
+            desired_version: desired,
+        };
+        tokio::spawn(async move {
+            match registry.report_version(report).await {
+                Ok(()) => {
+                    debug!(%connector, "connector version recorded");
+                }
+                Err(error) => {
+                    // Forget it, so the next pull tries again.
+                    reported
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&connector);
+                    warn!(%connector, %error, "cannot record the connector's version");
+                }
+            }
+        });
     }
 
     /// The group of a connector presenting its certificate, unless it is revoked or its
@@ -828,6 +894,7 @@ mod tests {
             certificate: CertificatePolicy::default(),
             registration: Registration::default(),
             inactive_connector_ttl: ok(Duration::parse("240h")),
+            connector_version: None,
         }
     }
 
@@ -1078,6 +1145,66 @@ mod tests {
         let (status, _, body) = answer(&api, register("infra/new", "new-token"), None).await;
         assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
         assert_eq!(registry.uses("infra/new"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_configuration_pull_records_the_reported_and_wanted_versions() {
+        let registry = Arc::new(MemoryRegistry::new(vec![]));
+        let mut wanting = group("infra/east");
+        wanting.connector_version = Some("0.2.0".to_owned());
+        let config = ok(FleetConfig::new(vec![], vec![], vec![wanting], vec![]));
+        let api = FleetApi::new(
+            Arc::new(ArcSwap::from_pointee(test_issuer())),
+            registry.clone(),
+            Arc::new(ArcSwap::from_pointee(config)),
+        );
+        let get = |headers: &[(&str, &str)]| request(Method::GET, CONFIG_PATH, headers, "");
+        let recorded = async |expected: Option<&str>| {
+            for _ in 0..100 {
+                let version = registry.version_of("infra/vm-1-abcde");
+                if version.as_ref().map(|v| v.version.as_str()) == expected {
+                    return version;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            registry.version_of("infra/vm-1-abcde")
+        };
+
+        // An older connector sends no version: nothing is recorded; an overlong one
+        // neither.
+        let (status, _, _) = answer(&api, get(&[]), peer("vm-1-abcde")).await;
+        assert_eq!(status, StatusCode::OK);
+        let _ = answer(
+            &api,
+            get(&[(CONNECTOR_VERSION_HEADER, &"9".repeat(MAX_VERSION_LEN + 1))]),
+            peer("vm-1-abcde"),
+        )
+        .await;
+        assert_eq!(recorded(None).await, None);
+
+        let (status, _, _) = answer(
+            &api,
+            get(&[(CONNECTOR_VERSION_HEADER, "0.1.0")]),
+            peer("vm-1-abcde"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let report = recorded(Some("0.1.0")).await;
+        assert_eq!(
+            report.map(|r| (r.version, r.desired_version)),
+            Some(("0.1.0".to_owned(), Some("0.2.0".to_owned())))
+        );
+        // After an upgrade, the next pull records the new version.
+        let _ = answer(
+            &api,
+            get(&[(CONNECTOR_VERSION_HEADER, "0.2.0")]),
+            peer("vm-1-abcde"),
+        )
+        .await;
+        assert_eq!(
+            recorded(Some("0.2.0")).await.map(|r| r.version),
+            Some("0.2.0".to_owned())
+        );
     }
 
     #[tokio::test]

@@ -22,6 +22,7 @@ pub mod risk;
 pub mod router;
 pub mod run;
 pub mod serve;
+pub mod session_controls;
 pub mod websocket;
 
 use std::io::Write;

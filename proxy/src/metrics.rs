@@ -12,6 +12,9 @@
 //! | `sallyport_proxy_requests_shed_total` | counter | |
 //! | `sallyport_proxy_risk_detections_total` | counter | `kind` |
 //! | `sallyport_proxy_certificate_expiry_timestamp_seconds` | gauge | `certificate` |
+//! | `sallyport_proxy_app_certificate_expiry_timestamp_seconds` | gauge | `app`, `secret` |
+//! | `sallyport_proxy_rate_limit_store_up` | gauge | |
+//! | `sallyport_proxy_rate_limit_store_fallbacks_total` | counter | |
 //!
 //! `app` is the PublishedApp's id, `namespace/name`, or [`NO_APP`] for requests that
 //! matched none; labels never carry a user, a session or an address. The request
@@ -30,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use http::{Response, StatusCode};
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 use sallyport_policy::{Outcome, SignInStage};
 use sallyport_service::metrics::register;
@@ -76,6 +79,9 @@ pub struct ProxyMetrics {
     shed: IntCounter,
     risk: IntCounterVec,
     certificate_expiry: IntGaugeVec,
+    app_certificate_expiry: IntGaugeVec,
+    limits_store_up: IntGauge,
+    limits_store_fallbacks: IntCounter,
     /// Delivery of sign-in and audit events to SIEM sinks.
     events: sallyport_events::EventMetrics,
     /// The replica's tunnel pool, once there is one: [`ProxyMetrics::encode`] counts its
@@ -159,6 +165,35 @@ impl ProxyMetrics {
                 )
             },
         )?;
+        let app_certificate_expiry = register(
+            &registry,
+            "sallyport_proxy_app_certificate_expiry_timestamp_seconds",
+            |name| {
+                IntGaugeVec::new(
+                    Opts::new(
+                        name,
+                        "When the TLS certificate this replica serves an app's host with expires (notAfter), in Unix seconds, by app and TLS Secret (namespace/name).",
+                    ),
+                    &["app", "secret"],
+                )
+            },
+        )?;
+        let limits_store_up = register(&registry, "sallyport_proxy_rate_limit_store_up", |name| {
+            IntGauge::new(
+                name,
+                "1 while the limits store (--limits-store) answers, 0 while this replica limits apps with its own share instead (no store configured, or unreachable).",
+            )
+        })?;
+        let limits_store_fallbacks = register(
+            &registry,
+            "sallyport_proxy_rate_limit_store_fallbacks_total",
+            |name| {
+                IntCounter::new(
+                    name,
+                    "Requests whose app rate limits this replica decided alone because the limits store was unreachable.",
+                )
+            },
+        )?;
         let events = sallyport_events::EventMetrics::register(&registry)?;
         // Every result from the start, at 0: rates and alerts over them need a series.
         for result in SIGN_IN_RESULTS {
@@ -175,6 +210,9 @@ impl ProxyMetrics {
             shed,
             risk,
             certificate_expiry,
+            app_certificate_expiry,
+            limits_store_up,
+            limits_store_fallbacks,
             events,
             pool: Arc::new(OnceLock::new()),
         })
@@ -230,6 +268,27 @@ impl ProxyMetrics {
             .set(not_after_unix);
     }
 
+    /// Replaces the expiry times of the apps' certificates: `(app, secret, not_after)`
+    /// for every app served, in Unix seconds (apps no longer served drop out).
+    pub fn set_app_certificate_expiry(&self, certificates: &[(String, String, i64)]) {
+        self.app_certificate_expiry.reset();
+        for (app, secret, not_after) in certificates {
+            self.app_certificate_expiry
+                .with_label_values(&[app.as_str(), secret.as_str()])
+                .set(*not_after);
+        }
+    }
+
+    /// Sets whether the limits store answers.
+    pub fn set_rate_limit_store_up(&self, up: bool) {
+        self.limits_store_up.set(i64::from(up));
+    }
+
+    /// Counts a request limited locally because the limits store was unreachable.
+    pub fn rate_limit_store_fallback(&self) {
+        self.limits_store_fallbacks.inc();
+    }
+
     /// Counts the tunnels of `pool` at every scrape from now on.
     pub fn count_tunnels_of(&self, pool: TunnelPool) {
         if self.pool.set(pool).is_err() {
@@ -265,6 +324,9 @@ impl ProxyMetrics {
                 &self.shed,
                 &self.risk,
                 &self.certificate_expiry,
+                &self.app_certificate_expiry,
+                &self.limits_store_up,
+                &self.limits_store_fallbacks,
             ],
         )
     }
@@ -358,6 +420,27 @@ fn stage_name(stage: SignInStage) -> &'static str {
     }
 }
 
+/// [`ProxyMetrics::set_rate_limit_store_up`] on [`global`].
+pub fn rate_limit_store_up(up: bool) {
+    if let Some(metrics) = global() {
+        metrics.set_rate_limit_store_up(up);
+    }
+}
+
+/// [`ProxyMetrics::rate_limit_store_fallback`] on [`global`].
+pub fn rate_limit_store_fallback() {
+    if let Some(metrics) = global() {
+        metrics.rate_limit_store_fallback();
+    }
+}
+
+/// [`ProxyMetrics::set_app_certificate_expiry`] on [`global`].
+pub fn app_certificate_expiry(certificates: &[(String, String, i64)]) {
+    if let Some(metrics) = global() {
+        metrics.set_app_certificate_expiry(certificates);
+    }
+}
+
 /// [`ProxyMetrics::risk_detection`] on [`global`].
 pub fn risk_detection(kind: &str) {
     if let Some(metrics) = global() {
@@ -390,6 +473,13 @@ mod tests {
         metrics.policy_decision("team-a/whoami", "signIn", "stepUp");
         metrics.risk_detection("impossibleTravel");
         metrics.set_certificate_expiry("tunnel-serving", 1_900_000_000);
+        metrics.set_app_certificate_expiry(&[(
+            "team-a/whoami".to_owned(),
+            "team-a/whoami-tls".to_owned(),
+            1_800_000_000,
+        )]);
+        metrics.set_rate_limit_store_up(true);
+        metrics.rate_limit_store_fallback();
         let text = text(&metrics);
         for line in [
             "sallyport_proxy_requests_total{app=\"team-a/whoami\",class=\"2xx\",code=\"200\"} 2",
@@ -403,6 +493,9 @@ mod tests {
             "sallyport_proxy_policy_decisions_total{app=\"team-a/whoami\",decision=\"stepUp\",stage=\"signIn\"} 1",
             "sallyport_proxy_risk_detections_total{kind=\"impossibleTravel\"} 1",
             "sallyport_proxy_certificate_expiry_timestamp_seconds{certificate=\"tunnel-serving\"} 1900000000",
+            "sallyport_proxy_app_certificate_expiry_timestamp_seconds{app=\"team-a/whoami\",secret=\"team-a/whoami-tls\"} 1800000000",
+            "sallyport_proxy_rate_limit_store_up 1",
+            "sallyport_proxy_rate_limit_store_fallbacks_total 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }

@@ -21,8 +21,9 @@
 //! - **Requests in flight** ([`Protection::admit`]): at most `--max-requests-in-flight`
 //!   user requests (until their response body ends) on this replica; over it, 503 with
 //!   `Retry-After` at once rather than a queue without bound.
-//! - **Per app** (after routing): `spec.rateLimit.perClientIp` ([`ClientRateLimiter`]
-//!   per route) and the request body size (`spec.limits.maxRequestBodyBytes`, else
+//! - **Per app** (after routing): `spec.rateLimit` and `spec.rateLimit.perClientIp`,
+//!   fleet-wide with a limits store (`--limits-store`, by default the risk store's
+//!   Redis), else per replica ([`crate::rate_limit`]), and the request body size (`spec.limits.maxRequestBodyBytes`, else
 //!   `--max-request-body-size`): a larger `Content-Length` is answered 413 before
 //!   anything is sent; a body without one is cut at the limit ([`LimitedBody`]) and the
 //!   request answered 413.
@@ -48,6 +49,10 @@ use http_body::{Body, Frame, SizeHint};
 use sallyport_api::published_app::ClientRateLimit;
 use sallyport_tunnel::body::{BoxError, TunnelBody};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{info, warn};
+
+use crate::rate_limit::Limited;
+use crate::rate_limit::shared::SharedLimits;
 
 /// How often (in checks) a keyed limiter forgets the clients whose bucket is full again,
 /// so that its memory follows the clients of the last moments, not every client ever.
@@ -124,6 +129,23 @@ pub struct ProtectionArgs {
     #[arg(long, env = "SALLYPORT_MAX_REQUEST_BODY_SIZE", default_value = "1Gi", value_parser = parse_size)]
     pub max_request_body_size: u64,
 
+    /// Where apps' rate limits (`spec.rateLimit`, with `perClientIp`) are counted for the
+    /// whole fleet: a Redis URL (`redis://[:password@]host:port[/db]`, `rediss://` for
+    /// TLS). Unset: the risk store's (--risk-store), if any. `none`, or neither set:
+    /// each replica enforces its share of each app's limit. While the store is
+    /// unreachable, replicas fall back to their share.
+    #[arg(long, env = "SALLYPORT_LIMITS_STORE", value_name = "URL")]
+    pub limits_store: Option<String>,
+
+    /// The prefix of the limits store's Redis keys (fleets sharing a Redis need
+    /// different ones).
+    #[arg(
+        long,
+        env = "SALLYPORT_LIMITS_STORE_PREFIX",
+        default_value = "sallyport:limits"
+    )]
+    pub limits_store_prefix: String,
+
     /// HTTP/2: streams a user connection may have open at once.
     #[arg(
         long,
@@ -152,6 +174,24 @@ pub struct ProtectionArgs {
     pub http2_max_local_error_reset_streams: usize,
 }
 
+/// Where apps' rate limits are counted fleet-wide ([`crate::rate_limit::shared`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct LimitsStore {
+    /// The Redis URL.
+    pub url: String,
+    /// The prefix of the keys.
+    pub prefix: String,
+}
+
+impl std::fmt::Debug for LimitsStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LimitsStore")
+            .field("url", &crate::rate_limit::shared::redacted(&self.url))
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
 /// The flags of the abuse limits do not fit together.
 #[derive(Debug, thiserror::Error)]
 pub enum ProtectionError {
@@ -165,11 +205,34 @@ pub enum ProtectionError {
         /// The burst.
         burst: u32,
     },
+    /// `--limits-store` is not a Redis URL.
+    #[error(transparent)]
+    LimitsStore(#[from] crate::rate_limit::shared::SharedLimitsError),
 }
 
 impl ProtectionArgs {
-    /// The settings these flags ask for.
+    /// The settings these flags ask for, without a limits store unless
+    /// `--limits-store` names one.
     pub fn settings(&self) -> Result<ProtectionSettings, ProtectionError> {
+        self.settings_with_store(None)
+    }
+
+    /// The settings these flags ask for; the limits store is `--limits-store`, else
+    /// `risk_store` (the risk store's URL), unless `--limits-store none`.
+    pub fn settings_with_store(
+        &self,
+        risk_store: Option<&str>,
+    ) -> Result<ProtectionSettings, ProtectionError> {
+        let limits_store = match self.limits_store.as_deref().or(risk_store) {
+            None | Some("none" | "") => None,
+            Some(url) => {
+                crate::rate_limit::shared::SharedLimits::new(url, &self.limits_store_prefix)?;
+                Some(LimitsStore {
+                    url: url.to_owned(),
+                    prefix: self.limits_store_prefix.clone(),
+                })
+            }
+        };
         let client_rate = match self.client_requests_per_second {
             0 => None,
             rate if self.client_burst < rate => {
@@ -184,6 +247,7 @@ impl ProtectionArgs {
             }),
         };
         Ok(ProtectionSettings {
+            limits_store,
             client_rate,
             max_requests_in_flight: self.max_requests_in_flight,
             max_connections_per_client: self.max_connections_per_client,
@@ -205,6 +269,8 @@ impl ProtectionArgs {
 /// The abuse limits of a proxy replica ([`ProtectionArgs`]); the default is the flags'.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtectionSettings {
+    /// Where apps' rate limits are counted fleet-wide; `None`: each replica its share.
+    pub limits_store: Option<LimitsStore>,
     /// Requests per client address across every app; `None`: no limit.
     pub client_rate: Option<ClientRateLimit>,
     /// User requests in flight; 0: no cap.
@@ -228,6 +294,7 @@ pub struct ProtectionSettings {
 impl Default for ProtectionSettings {
     fn default() -> Self {
         Self {
+            limits_store: None,
             client_rate: Some(ClientRateLimit {
                 requests_per_second: 100,
                 burst: 200,
@@ -474,6 +541,7 @@ pub struct Protection {
     clients: Option<ClientRateLimiter>,
     in_flight: Option<Arc<Semaphore>>,
     connections: Arc<ConnectionLimiter>,
+    shared: Option<SharedLimits>,
 }
 
 /// Why a user request is refused before routing.
@@ -501,12 +569,40 @@ impl Protection {
             ))
         });
         let connections = ConnectionLimiter::new(settings.max_connections_per_client);
+        let shared = settings.limits_store.as_ref().and_then(|store| {
+            match SharedLimits::new(&store.url, &store.prefix) {
+                Ok(shared) => {
+                    info!(store = %shared.describe(), prefix = %store.prefix, "apps' rate limits are counted fleet-wide");
+                    crate::metrics::rate_limit_store_up(true);
+                    Some(shared)
+                }
+                Err(error) => {
+                    warn!(%error, "apps' rate limits are enforced per replica");
+                    None
+                }
+            }
+        });
         Self {
             settings,
             clients,
             in_flight,
             connections,
+            shared,
         }
+    }
+
+    /// Takes one request of `client` from the rate limits of `route`'s app: fleet-wide
+    /// with a limits store that answers, else this replica's share
+    /// ([`crate::rate_limit`]).
+    pub async fn check_app_rate(
+        &self,
+        route: &crate::router::AppRoute,
+        client: IpAddr,
+    ) -> Result<(), Limited> {
+        route
+            .rate_limiter()
+            .check_request(&route.app, client, self.shared.as_ref())
+            .await
     }
 
     /// The settings.
@@ -786,6 +882,48 @@ mod tests {
                 rate: 50,
                 burst: 10
             })
+        ));
+    }
+
+    #[test]
+    fn the_limits_store_defaults_to_the_risk_store() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["proxy"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).unwrap_or_else(|e| panic!("{e}"))
+        };
+        let store = |cli: &Cli, risk: Option<&str>| {
+            cli.protection
+                .settings_with_store(risk)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .limits_store
+                .map(|store| (store.url, store.prefix))
+        };
+        let risk = Some("redis://risk:6379/0");
+        assert_eq!(store(&parse(&[]), None), None);
+        assert_eq!(
+            store(&parse(&[]), risk),
+            Some((
+                "redis://risk:6379/0".to_owned(),
+                "sallyport:limits".to_owned()
+            ))
+        );
+        let own = parse(&[
+            "--limits-store",
+            "redis://limits:6379/1",
+            "--limits-store-prefix",
+            "blue",
+        ]);
+        assert_eq!(
+            store(&own, risk),
+            Some(("redis://limits:6379/1".to_owned(), "blue".to_owned()))
+        );
+        assert_eq!(store(&parse(&["--limits-store", "none"]), risk), None);
+        assert!(matches!(
+            parse(&["--limits-store", "http://cache"])
+                .protection
+                .settings(),
+            Err(ProtectionError::LimitsStore(_))
         ));
     }
 

@@ -12,7 +12,11 @@
 //!
 //! The sign-in flow ([`crate::auth`]) asks the engine before policy decides, counts
 //! failed and denied sign-ins, and adds successful ones to the user's history; the
-//! levels it finds travel in the session (see [`crate::access::Subject`]).
+//! levels it finds travel in the session (see [`crate::access::Subject`]). Between
+//! sign-ins, a session's user risk also follows the store: every request raises it to
+//! the user's current level ([`sallyport_risk::RiskEngine::current_user_risk`], read in
+//! the background at most every `--risk-user-refresh`), so failed sign-ins recorded by
+//! any replica reach the user's existing sessions without a new sign-in.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -105,6 +109,13 @@ pub struct RiskArgs {
     #[arg(long, env = "SALLYPORT_RISK_USER_FAILURES", default_value_t = 10)]
     pub risk_user_failures: u64,
 
+    /// How often a signed-in user's current user risk is read from the risk store, so
+    /// that failures recorded after their sign-in (by any replica sharing the store)
+    /// raise the risk of their existing sessions. Read in the background: requests never
+    /// wait for the store.
+    #[arg(long, env = "SALLYPORT_RISK_USER_REFRESH", default_value = "5s", value_parser = sallyport_service::parse_duration)]
+    pub risk_user_refresh: Duration,
+
     /// How many earlier sign-ins a user needs before a new country, network or platform
     /// counts as unfamiliar.
     #[arg(
@@ -171,7 +182,10 @@ pub fn start(
     cluster: Option<(kube::Client, String)>,
     stopped: &CancellationToken,
 ) -> Result<Arc<RiskEngine>, RiskSetupError> {
-    let engine = Arc::new(RiskEngine::new(args.detection_settings(), args.store()?));
+    let engine = Arc::new(
+        RiskEngine::new(args.detection_settings(), args.store()?)
+            .with_user_risk_refresh(args.risk_user_refresh),
+    );
     match (&args.risk_anonymizer_configmap, &args.risk_anonymizer_file) {
         (Some(_), Some(_)) => return Err(RiskSetupError::TwoAnonymizerSources),
         (Some(name), None) => {
@@ -329,6 +343,7 @@ mod tests {
         );
         assert_eq!(defaults.risk.risk_failure_window, Duration::from_secs(900));
         assert!(defaults.risk.risk_store.is_none());
+        assert_eq!(defaults.risk.risk_user_refresh, Duration::from_secs(5));
         let given = Cli::try_parse_from([
             "proxy",
             "--risk-anonymizer-level",

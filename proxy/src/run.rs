@@ -385,7 +385,9 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     let connector_roots =
         certificates_from_pem("fleet root CA", &read(args.tunnel_tls_dir.join("ca.crt"))?)?;
     let issuer = Issuer::from_dir(&args.connector_issuer_dir)?;
-    let protection = args.protection.settings()?;
+    let protection = args
+        .protection
+        .settings_with_store(args.risk.risk_store.as_deref())?;
     record_certificate_expiry(&args.tunnel_tls_dir, &issuer);
 
     // Where the configuration, tokens, certificates and replicas come from.

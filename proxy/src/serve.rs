@@ -58,7 +58,9 @@ use crate::pages;
 use crate::protection::{
     Activity, ConnectionSlot, HeldBody, LimitedBody, Protection, ProtectionSettings, Refusal,
 };
+use crate::rate_limit::Limited;
 use crate::router::Router;
+use crate::session_controls::SessionControl;
 use crate::{body_translation, websocket};
 
 /// How long a client has to complete the TLS handshake.
@@ -674,11 +676,28 @@ impl Proxy {
         serve_http(tls, service, true, signals, self.protection.settings()).await;
     }
 
-    /// Answers one user request.
+    /// Answers one user request; the session controls in force on it
+    /// ([`crate::session_controls`]) see its answer last.
     pub async fn user_request(
         &self,
         request: Request<Incoming>,
         client: ClientInfo,
+    ) -> Response<TunnelBody> {
+        let mut control = None;
+        let response = self.controlled_request(request, client, &mut control).await;
+        match control {
+            Some(control) => control.finish(response),
+            None => response,
+        }
+    }
+
+    /// Answers one user request, leaving in `control` the session controls the gate put
+    /// on it.
+    async fn controlled_request(
+        &self,
+        request: Request<Incoming>,
+        client: ClientInfo,
+        control: &mut Option<SessionControl>,
     ) -> Response<TunnelBody> {
         let request_id = forward::new_request_id();
         let accept = request.headers().get(ACCEPT).cloned();
@@ -728,11 +747,6 @@ impl Proxy {
         if route.maintenance_mode {
             return pages::maintenance(accept, &route.app, &request_id);
         }
-        if let Err(wait) = route.rate_limiter().check_client(client.client_ip) {
-            debug!(app = %route.app, %request_id, client = %client.client_ip, "over the app's limit per client");
-            crate::metrics::limited("app-client-ip", &route.app);
-            return pages::client_too_many_requests(accept, wait, &request_id);
-        }
         // A body announced larger than the app takes is refused before sign-in.
         let body_limit = self.protection.body_limit(route.max_request_body_bytes);
         if let Some(limit) = body_limit
@@ -742,10 +756,24 @@ impl Proxy {
             crate::metrics::limited("body-size", &route.app);
             return pages::payload_too_large(accept, &route.app, limit, &request_id);
         }
-        if let Err(wait) = route.rate_limiter().check() {
-            debug!(app = %route.app, %request_id, client = %client.client_ip, "over the app's rate limit");
-            crate::metrics::limited("app", &route.app);
-            return pages::too_many_requests(accept, &route.app, wait, &request_id);
+        // The app's rate limits: its client's bucket, then its own (fleet-wide with a
+        // limits store).
+        match self
+            .protection
+            .check_app_rate(route, client.client_ip)
+            .await
+        {
+            Ok(()) => {}
+            Err(Limited::Client(wait)) => {
+                debug!(app = %route.app, %request_id, client = %client.client_ip, "over the app's limit per client");
+                crate::metrics::limited("app-client-ip", &route.app);
+                return pages::client_too_many_requests(accept, wait, &request_id);
+            }
+            Err(Limited::App(wait)) => {
+                debug!(app = %route.app, %request_id, client = %client.client_ip, "over the app's rate limit");
+                crate::metrics::limited("app", &route.app);
+                return pages::too_many_requests(accept, &route.app, wait, &request_id);
+            }
         }
         let mut request = request;
         let mut guard = None;
@@ -762,7 +790,18 @@ impl Proxy {
                 client.client_ip,
                 &request_id,
             ) {
-                auth::Gate::Pass(subject) => {
+                auth::Gate::Pass(subject, decision) => {
+                    *control =
+                        SessionControl::new(&decision, &route.app, &subject, &request, &request_id);
+                    if let Some(refusal) = control.as_ref().and_then(|c| {
+                        c.refuse_request(
+                            &request,
+                            websocket::is_websocket_request(&request),
+                            accept,
+                        )
+                    }) {
+                        return refusal;
+                    }
                     authenticator.add_identity(
                         route,
                         &subject.session,
@@ -834,6 +873,10 @@ impl Proxy {
             Ok(Ok(response)) => {
                 let mut response =
                     forward::translate_response(route, response.map(|b| b.into_tunnel_body()));
+                if let Some(control) = control.as_ref() {
+                    // A download under blockDownloads: replaced, its body never read.
+                    response = control.filter_download(response, accept);
+                }
                 response = body_translation::translate_body(route, response);
                 if let Ok(value) = HeaderValue::from_str(&request_id) {
                     response

@@ -110,6 +110,7 @@ fn group(id: &str, validity: &str, renew_after: &str) -> ConnectorGroupConfig {
         },
         registration: Registration::default(),
         inactive_connector_ttl: ok(sallyport_api::Duration::parse("240h")),
+        connector_version: None,
     }
 }
 

@@ -162,12 +162,7 @@ pub fn detect(
             ),
         ));
     }
-    if settings.user_failures > 0 && observed.user_failures >= half(settings.user_failures) {
-        let level = if observed.user_failures >= settings.user_failures {
-            RiskLevel::High
-        } else {
-            RiskLevel::Medium
-        };
+    if let Some(level) = user_risk_of(settings, observed.user_failures) {
         found.push(detection(
             RiskDetectionKind::BruteForce,
             RiskScope::User,
@@ -182,6 +177,19 @@ pub fn detect(
         found.push(unfamiliar);
     }
     found
+}
+
+/// The level of the `bruteForce` user detection for `user_failures` failed or denied
+/// sign-ins of the user in the window: high from the threshold, medium from half of it.
+pub fn user_risk_of(settings: &DetectionSettings, user_failures: u64) -> Option<RiskLevel> {
+    if settings.user_failures == 0 || user_failures < half(settings.user_failures) {
+        return None;
+    }
+    Some(if user_failures >= settings.user_failures {
+        RiskLevel::High
+    } else {
+        RiskLevel::Medium
+    })
 }
 
 /// The user's previous located sign-in was too far away for the time since.

@@ -26,8 +26,8 @@ mod geo;
 mod store;
 
 pub use anonymizers::{AnonymizerError, Anonymizers};
-pub use detect::{Assessment, DetectionSettings, detect, network_of};
-pub use engine::{RiskEngine, SignInAttempt};
+pub use detect::{Assessment, DetectionSettings, detect, network_of, user_risk_of};
+pub use engine::{DEFAULT_USER_RISK_REFRESH, RiskEngine, SignInAttempt};
 pub use geo::{GeoDatabase, GeoError, Place, distance_km};
 pub use sallyport_policy::{RiskDetection, RiskDetectionKind, RiskScope};
 pub use store::{

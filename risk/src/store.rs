@@ -126,6 +126,14 @@ pub trait RiskStore: Send + Sync + std::fmt::Debug {
         now_ms: i64,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
+    /// Failed or denied sign-ins of `user` within the failure window at `now_ms`: what
+    /// the user risk of their sessions follows between sign-ins.
+    fn user_failures<'a>(
+        &'a self,
+        user: &'a str,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<u64, StoreError>>;
+
     /// Adds a successful sign-in to `user`'s history (keeping the last few).
     fn record_sign_in<'a>(
         &'a self,

@@ -25,10 +25,15 @@ pub(super) struct Groups {
 
 impl Groups {
     /// Reads `groups` (whose ids are `ids`), reporting invalid ones in `skipped`.
-    pub fn new(groups: &[ConnectorGroup], ids: &[String], skipped: &mut Vec<Skipped>) -> Self {
+    pub fn new(
+        groups: &[ConnectorGroup],
+        ids: &[String],
+        default_version: Option<&str>,
+        skipped: &mut Vec<Skipped>,
+    ) -> Self {
         let mut by_id = BTreeMap::new();
         for (group, id) in groups.iter().zip(ids) {
-            let config = group_config(group, id);
+            let config = group_config(group, id, default_version);
             if let Err(problem) = &config {
                 skipped.push(Skipped {
                     kind: "ConnectorGroup",
@@ -69,7 +74,11 @@ impl Groups {
 }
 
 /// The configuration of `group`, or why its settings cannot be used.
-fn group_config(group: &ConnectorGroup, id: &str) -> Result<ConnectorGroupConfig, Problem> {
+fn group_config(
+    group: &ConnectorGroup,
+    id: &str,
+    default_version: Option<&str>,
+) -> Result<ConnectorGroupConfig, Problem> {
     let spec = &group.spec;
     let mut problems = Vec::new();
     let validity = check_duration(
@@ -113,6 +122,12 @@ fn group_config(group: &ConnectorGroup, id: &str) -> Result<ConnectorGroupConfig
             certificate: spec.certificate.clone(),
             registration: spec.registration.clone(),
             inactive_connector_ttl: spec.inactive_connector_ttl.clone(),
+            connector_version: spec
+                .version
+                .as_deref()
+                .filter(|v| !v.is_empty())
+                .or(default_version)
+                .map(str::to_owned),
         }),
     }
 }

@@ -79,6 +79,9 @@ pub struct FleetDefaults {
     pub oidc: Option<DefaultOidcClient>,
     /// The rate limit of apps without `spec.rateLimit`.
     pub rate_limit: RateLimit,
+    /// The connector version of groups without `spec.version` (the operator's release);
+    /// `None` leaves it out of their configuration.
+    pub connector_version: Option<String>,
 }
 
 impl Default for FleetDefaults {
@@ -93,6 +96,7 @@ impl Default for FleetDefaults {
                 burst: 1000,
                 per_client_ip: None,
             },
+            connector_version: None,
         }
     }
 }
@@ -243,7 +247,12 @@ fn compile_apps(
     let connector_ids = object_ids("Connector", inputs.connectors.iter().map(|c| &c.metadata))?;
 
     let mut skipped = Vec::new();
-    let groups = group::Groups::new(inputs.connector_groups, &group_ids, &mut skipped);
+    let groups = group::Groups::new(
+        inputs.connector_groups,
+        &group_ids,
+        inputs.defaults.connector_version.as_deref(),
+        &mut skipped,
+    );
     let policies = policy::Policies::new(
         inputs.policies,
         &policy_ids,

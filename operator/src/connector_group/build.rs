@@ -11,8 +11,9 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector,
-    PodSpec, PodTemplateSpec, Secret, SecretKeySelector, ServiceAccount, Volume, VolumeMount,
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, Secret, SecretKeySelector,
+    ServiceAccount, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -26,8 +27,9 @@ use crate::conditions::Verdict;
 use crate::managed::{group_labels, hardened_container, hardened_pod};
 
 pub use sallyport_api::registration::{
-    CA_KEY, EXPIRES_AT_ANNOTATION, ISSUED_AT_ANNOTATION, MAX_USES_ANNOTATION, STATE_SECRET_TYPE,
-    TOKEN_KEY, TOKEN_SECRET_TYPE, USES_ANNOTATION, state_secret_name, token_secret_name,
+    CA_KEY, CONNECTOR_VERSION_ANNOTATION, EXPIRES_AT_ANNOTATION, ISSUED_AT_ANNOTATION,
+    MAX_USES_ANNOTATION, STATE_SECRET_TYPE, TOKEN_KEY, TOKEN_SECRET_TYPE, USES_ANNOTATION,
+    state_secret_name, token_secret_name,
 };
 
 /// Where connectors reach the fleet: what the operator wires into connector Deployments.
@@ -264,15 +266,36 @@ pub fn token_secret(
     }
 }
 
+/// The label selector of `group`'s connector pods (the Deployment's own selector).
+pub fn connector_pod_selector(group: &str) -> String {
+    format!("app.kubernetes.io/name=sallyport-connector,app.kubernetes.io/instance={group}")
+}
+
 /// The port a connector pod serves `/metrics` on (container port `metrics`), for a
 /// PodMonitor or scrape annotations to find.
 pub const CONNECTOR_METRICS_PORT: i32 = 9090;
 
+/// How long a new connector pod must stay ready before the rollout replaces the next old
+/// one (`minReadySeconds`): a version that connects and then fails is caught first.
+pub const MIN_READY_SECONDS: i32 = 5;
+
+/// How long a rollout may go without progress before the Deployment reports
+/// `ProgressDeadlineExceeded` (the operator reports a halt sooner when a new pod crash
+/// loops or cannot pull its image).
+pub const PROGRESS_DEADLINE_SECONDS: i32 = 300;
+
+/// How long a stopping connector pod may drain before it is killed: the connector's
+/// default `--drain-timeout` (30 s) and a margin.
+pub const TERMINATION_GRACE_SECONDS: i64 = 45;
+
 /// The connector Deployment of `group`: a hardened pod (non-root, read-only root
 /// filesystem, no capabilities, RuntimeDefault seccomp) that registers with the group's
 /// token and keeps its state in one of the group's state slots, as the group's
-/// ServiceAccount (whose token is mounted for that alone). It rolls one pod at a time
-/// (surge one, none unavailable), so one spare slot is enough.
+/// ServiceAccount (whose token is mounted for that alone). It runs the group's target
+/// version (see [`super::version`]) and rolls one pod at a time (surge one, none
+/// unavailable), a new pod counting only once its readiness probe (`/readyz`: tunnels to
+/// every proxy replica) has passed for [`MIN_READY_SECONDS`], so one spare slot is
+/// enough and the group never has fewer ready connectors than it asks for.
 pub fn connector_deployment(
     group: &ConnectorGroup,
     spec: &ConnectorDeployment,
@@ -289,11 +312,20 @@ pub fn connector_deployment(
     ]);
     let mut all_labels = group_labels(&name);
     all_labels.extend(labels.clone());
-    let image = spec
-        .image
-        .clone()
-        .filter(|i| !i.is_empty())
-        .unwrap_or_else(|| default_image.to_owned());
+    let target = super::version::target_version(group.spec.version.as_deref(), default_image);
+    let (image, version) =
+        super::version::deployment_image(spec.image.as_deref(), default_image, &target);
+    let probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String("metrics".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    };
     let env = |name: &str, value: String| EnvVar {
         name: name.to_owned(),
         value: Some(value),
@@ -362,6 +394,8 @@ pub fn connector_deployment(
             protocol: Some("TCP".to_owned()),
             ..ContainerPort::default()
         }]),
+        readiness_probe: Some(probe("/readyz", 2, 2)),
+        liveness_probe: Some(probe("/livez", 10, 3)),
         resources: spec.resources.clone(),
         security_context: Some(hardened_container()),
         volume_mounts: Some(vec![VolumeMount {
@@ -386,6 +420,8 @@ pub fn connector_deployment(
         },
         spec: Some(DeploymentSpec {
             replicas: Some(spec.replicas),
+            min_ready_seconds: Some(MIN_READY_SECONDS),
+            progress_deadline_seconds: Some(PROGRESS_DEADLINE_SECONDS),
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".to_owned()),
                 rolling_update: Some(RollingUpdateDeployment {
@@ -400,10 +436,15 @@ pub fn connector_deployment(
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(all_labels),
+                    annotations: Some(BTreeMap::from([(
+                        CONNECTOR_VERSION_ANNOTATION.to_owned(),
+                        version,
+                    )])),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
+                    termination_grace_period_seconds: Some(TERMINATION_GRACE_SECONDS),
                     // The token serves the state slots alone: its Role allows nothing else.
                     service_account_name: Some(deployment_name(&name)),
                     automount_service_account_token: Some(true),
@@ -587,6 +628,79 @@ mod tests {
                 .map(String::as_str),
             Some("dc")
         );
+    }
+
+    #[test]
+    fn the_deployment_runs_the_target_version_and_waits_for_readiness() {
+        let fleet = FleetEndpoint {
+            address: "tunnel.example.com:443".to_owned(),
+            server_name: "tunnel.example.com".to_owned(),
+        };
+        let rolled = |spec_yaml: &str| {
+            let group = group(spec_yaml);
+            let Some(spec) = group.spec.deployment.clone() else {
+                panic!("no deployment")
+            };
+            let deployment =
+                connector_deployment(&group, &spec, "ghcr.io/s/connector:0.1.0", &fleet);
+            let Some(spec) = deployment.spec else {
+                panic!("no spec")
+            };
+            let template = spec.template;
+            let version = template
+                .metadata
+                .and_then(|m| m.annotations)
+                .and_then(|a| a.get(CONNECTOR_VERSION_ANNOTATION).cloned());
+            let Some(pod) = template.spec else {
+                panic!("no pod spec")
+            };
+            let container = pod.containers.first().cloned().unwrap_or_default();
+            (
+                spec.strategy,
+                spec.min_ready_seconds,
+                pod.termination_grace_period_seconds,
+                container,
+                version,
+            )
+        };
+
+        let (strategy, min_ready, grace, container, version) =
+            rolled("{deployment: {replicas: 3}}");
+        assert_eq!(
+            container.image.as_deref(),
+            Some("ghcr.io/s/connector:0.1.0")
+        );
+        assert_eq!(version.as_deref(), Some("0.1.0"));
+        let rolling = strategy.and_then(|s| s.rolling_update).unwrap_or_default();
+        assert_eq!(
+            (rolling.max_surge, rolling.max_unavailable),
+            (Some(IntOrString::Int(1)), Some(IntOrString::Int(0)))
+        );
+        assert_eq!(min_ready, Some(MIN_READY_SECONDS));
+        assert_eq!(grace, Some(TERMINATION_GRACE_SECONDS));
+        let readiness = container
+            .readiness_probe
+            .and_then(|p| p.http_get)
+            .unwrap_or_default();
+        assert_eq!(
+            (readiness.path.as_deref(), readiness.port),
+            (Some("/readyz"), IntOrString::String("metrics".to_owned()))
+        );
+
+        let (_, _, _, container, version) = rolled("{version: 0.2.0, deployment: {replicas: 3}}");
+        assert_eq!(
+            container.image.as_deref(),
+            Some("ghcr.io/s/connector:0.2.0")
+        );
+        assert_eq!(version.as_deref(), Some("0.2.0"));
+        let (_, _, _, container, version) = rolled(
+            "{version: 0.2.0, deployment: {replicas: 3, image: mirror.corp:5000/connector}}",
+        );
+        assert_eq!(
+            container.image.as_deref(),
+            Some("mirror.corp:5000/connector:0.2.0")
+        );
+        assert_eq!(version.as_deref(), Some("0.2.0"));
     }
 
     #[test]

@@ -9,13 +9,14 @@
 //! with the group.
 
 pub mod build;
+pub mod version;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -23,6 +24,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
+use sallyport_api::connector_group::RolloutPhase;
 use sallyport_api::{Connector, ConnectorGroup, ConnectorGroupStatus};
 use serde_json::json;
 use tracing::{debug, info};
@@ -37,6 +39,9 @@ use crate::reconcile::{publish, retry_after_failure, transition_event};
 
 /// How often an unchanged group is looked at again.
 pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// How often a group whose connectors are being replaced is looked at again.
+pub const ROLLOUT_RESYNC: Duration = Duration::from_secs(3);
 
 /// Reconciles one ConnectorGroup.
 pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -116,6 +121,7 @@ pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<
     let roles = Api::<Role>::namespaced(ctx.client.clone(), &namespace);
     let bindings = Api::<RoleBinding>::namespaced(ctx.client.clone(), &namespace);
     let mut keep = Vec::new();
+    let mut deployment = None;
     if let Some(spec) = &group.spec.deployment {
         let slots = build::state_slot_names(&name, spec.replicas);
         let existing_slots: Vec<Secret> = secrets
@@ -145,6 +151,7 @@ pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<
         let existing = deployments.get_opt(&deployment_name(&name)).await?;
         apply_if_changed(&deployments, desired, existing.as_ref()).await?;
         keep.push(deployment_name(&name));
+        deployment = existing;
     }
     delete_orphans(&deployments, &group_selector(&name), &keep).await?;
     delete_orphans(&bindings, &group_selector(&name), &keep).await?;
@@ -159,15 +166,37 @@ pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<
         .filter(|c| c.spec.connector_group == name)
         .collect();
     let (verdict, desired_connectors, connected_connectors) = build::assess(&group, &connectors);
+    let target =
+        version::target_version(group.spec.version.as_deref(), &ctx.config.connector_image);
+    let (versions, (rollout, rollout_verdict)) = if group.spec.deployment.is_some() {
+        let pods = Api::<Pod>::namespaced(ctx.client.clone(), &namespace)
+            .list(&ListParams::default().labels(&build::connector_pod_selector(&name)))
+            .await?
+            .items;
+        (
+            version::pod_versions(&pods, &target),
+            version::in_cluster_rollout(&target, desired_connectors, deployment.as_ref(), &pods),
+        )
+    } else {
+        let versions = version::connector_versions(&connectors, &target, build::is_connected);
+        let rollout = version::outside_rollout(&target, &versions);
+        (versions, rollout)
+    };
+    let rolling = matches!(
+        rollout.phase,
+        RolloutPhase::Progressing | RolloutPhase::Halted
+    );
     let current = group.status.clone().unwrap_or_default();
     let generation = group.metadata.generation;
-    let verdicts = [verdict];
+    let verdicts = [verdict, rollout_verdict];
     let desired = ConnectorGroupStatus {
         observed_generation: generation,
         conditions: merge(&current.conditions, &verdicts, generation, now),
         desired_connectors,
         connected_connectors,
         registration_token_secret: Some(token_secret_name(&name)),
+        versions,
+        rollout: Some(rollout),
     };
     if desired != current {
         let patch = json!({"apiVersion": "sallyport.dev/v1alpha1", "kind": "ConnectorGroup", "status": desired});
@@ -194,6 +223,10 @@ pub async fn reconcile(group: Arc<ConnectorGroup>, ctx: Arc<Context>) -> Result<
     if fleet_ca.is_none() {
         debug!(%namespace, %name, "the fleet's root CA does not exist yet; looking again shortly");
         return Ok(Action::requeue(Duration::from_secs(2)));
+    }
+    if rolling {
+        // Pod restarts and readiness move a rollout without changing the Deployment.
+        return Ok(Action::requeue(ROLLOUT_RESYNC));
     }
     // Come back when the token expires, or at the resync interval.
     let until_expiry = build::expiry(&group, issued_at)

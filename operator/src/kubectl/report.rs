@@ -323,6 +323,17 @@ fn group_row(
         .clone()
         .unwrap_or_else(|| format!("{name}-registration"));
     let fill = |fix: &str| fix.replace("<group>-registration", &secret);
+    let up_to_date = condition(&status.conditions, "UpToDate");
+    let version = match (&status.rollout, up_to_date) {
+        (Some(rollout), Some(c)) => format!("{} ({})", rollout.target_version, c.reason),
+        (Some(rollout), None) => rollout.target_version.clone(),
+        (None, _) => "-".to_owned(),
+    };
+    // A rollout that needs a person is explained beside the readiness.
+    let rollout_details: Vec<String> = up_to_date
+        .filter(|c| c.status == "False" && remedy("ConnectorGroup", &c.reason).is_some())
+        .map(|c| explain("ConnectorGroup", c, &fill))
+        .unwrap_or_default();
     let cells = |ready: &str, reason: &str| {
         vec![
             id(group),
@@ -332,6 +343,7 @@ fn group_row(
                 "{}/{}",
                 status.connected_connectors, status.desired_connectors
             ),
+            version.clone(),
             expiry.clone(),
         ]
     };
@@ -346,14 +358,14 @@ fn group_row(
         Some(ready) if ready.status == "True" => (
             Row {
                 cells: cells("True", &ready.reason),
-                details: Vec::new(),
+                details: rollout_details,
             },
             None,
         ),
         Some(ready) => (
             Row {
                 cells: cells("False", &ready.reason),
-                details: explain("ConnectorGroup", ready, &fill),
+                details: [explain("ConnectorGroup", ready, &fill), rollout_details].concat(),
             },
             Some(ready.reason.clone()),
         ),
@@ -512,6 +524,7 @@ pub fn summarize(snapshot: &Snapshot) -> Summary {
             "READY",
             "REASON",
             "CONNECTED",
+            "VERSION",
             "SOONEST-CERT-EXPIRY",
         ],
         |group| group_row(group, &snapshot.connectors, snapshot.now),
@@ -593,12 +606,18 @@ mod tests {
             cond("Ready", "True", "Ready", "1 connected connector(s)")
         );
         let group: ConnectorGroup = yaml(&format!(
-            "apiVersion: sallyport.dev/v1alpha1\nkind: ConnectorGroup\nmetadata: {{name: dc, namespace: ops, generation: 1}}\nspec: {{}}\nstatus: {{observedGeneration: 1, desiredConnectors: 2, connectedConnectors: 1, registrationTokenSecret: dc-registration, conditions: [{}]}}\n",
+            "apiVersion: sallyport.dev/v1alpha1\nkind: ConnectorGroup\nmetadata: {{name: dc, namespace: ops, generation: 1}}\nspec: {{}}\nstatus: {{observedGeneration: 1, desiredConnectors: 2, connectedConnectors: 1, registrationTokenSecret: dc-registration, rollout: {{targetVersion: 0.2.0, updatedConnectors: 2, desiredConnectors: 2, phase: Complete}}, conditions: [{}, {}]}}\n",
             cond(
                 "Ready",
                 "True",
                 "Connected",
                 "1 of 2 connector(s) connected"
+            ),
+            cond(
+                "UpToDate",
+                "True",
+                "AllUpToDate",
+                "all 2 connector(s) run 0.2.0"
             )
         ));
         let connector = |name: &str, not_after: &str| -> Connector {
@@ -660,7 +679,7 @@ mod tests {
         for part in [
             "Operator: ready, namespace ops, leader op-0 (Lease renewed 2s ago); not a Pod of namespace ops",
             "team-a/wiki   True   Ready   https://wiki.example.com/",
-            "ops/dc          True   Connected  1/2        2026-03-11T12:00:00Z (in 10d)",
+            "ops/dc          True   Connected  1/2        0.2.0 (AllUpToDate)  2026-03-11T12:00:00Z (in 10d)",
             "Policies: 1 enabled, 1 report-only, 1 disabled.",
             "All ready: 1 app(s), 1 group(s), 3 policy(ies).",
         ] {
@@ -773,6 +792,39 @@ mod tests {
             "{}",
             summary.text
         );
+    }
+
+    #[test]
+    fn a_halted_rollout_is_explained_while_the_group_stays_ready() {
+        let mut snapshot = snapshot();
+        snapshot.groups[0] = yaml(&format!(
+            "apiVersion: sallyport.dev/v1alpha1\nkind: ConnectorGroup\nmetadata: {{name: dc, namespace: ops}}\nspec: {{version: 0.3.0}}\nstatus: {{desiredConnectors: 2, connectedConnectors: 2, rollout: {{targetVersion: 0.3.0, updatedConnectors: 0, desiredConnectors: 2, phase: Halted}}, conditions: [{}, {}]}}\n",
+            cond(
+                "Ready",
+                "True",
+                "Connected",
+                "2 of 2 connector(s) connected"
+            ),
+            cond(
+                "UpToDate",
+                "False",
+                "RolloutHalted",
+                "rollout to 0.3.0 halted: new connector pod dc-connector-x: CrashLoopBackOff"
+            )
+        ));
+        let summary = summarize(&snapshot);
+        assert_eq!(summary.not_ready, Vec::<String>::new(), "{}", summary.text);
+        for part in [
+            "0.3.0 (RolloutHalted)",
+            "rollout to 0.3.0 halted: new connector pod dc-connector-x: CrashLoopBackOff",
+            "fix: set spec.version (or spec.deployment.image) back",
+        ] {
+            assert!(
+                summary.text.contains(part),
+                "{part:?} missing from\n{}",
+                summary.text
+            );
+        }
     }
 
     #[test]

@@ -990,4 +990,107 @@ spec:
         );
         assert!(status_warnings(&apps, "team-a/status").is_empty());
     }
+
+    #[test]
+    fn session_controls_are_shown_in_force_and_per_policy() {
+        const CONTROLS: &str = "
+apiVersion: sallyport.dev/v1alpha1
+kind: ConditionalAccessPolicy
+metadata: {name: watch-staff, namespace: team-a}
+spec:
+  assignments: {apps: {names: [wiki]}, groups: {include: [staff]}}
+  session: {monitor: true, readOnly: true}
+---
+apiVersion: sallyport.dev/v1alpha1
+kind: ConditionalAccessPolicy
+metadata: {name: no-files, namespace: team-a}
+spec:
+  assignments: {apps: {names: [wiki]}, users: {include: ['*']}}
+  session: {blockDownloads: true, downloadContentTypes: [application/pdf]}
+---
+apiVersion: sallyport.dev/v1alpha1
+kind: ConditionalAccessPolicy
+metadata: {name: trial-monitor, namespace: team-a}
+spec:
+  state: ReportOnly
+  assignments: {apps: {names: [wiki]}, users: {include: ['*']}}
+  session: {monitor: true}
+";
+        let manifests = fixtures::manifests(&[GROUP_DC, MANIFESTS, CONTROLS]);
+        let now: Timestamp = NOON.parse().unwrap_or_else(|e| panic!("{e}"));
+        let run = |extra: &[&'static str]| {
+            let args = args(&on_wiki(
+                &ALICE,
+                "203.0.113.9",
+                &[&["--amr", "mfa"][..], extra].concat(),
+            ));
+            let sign_in = SignIn::new(&args, now).unwrap_or_else(|e| panic!("{e}"));
+            let (mut out, mut report) = (Vec::new(), Vec::new());
+            answer(&args, &sign_in, &manifests, false, &mut out, &mut report)
+                .unwrap_or_else(|e| panic!("{e}"));
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        let out = run(&[]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines.contains(&"Decision:  allowed"), "{out}");
+        assert!(
+            lines.contains(&"Session:   sign-in frequency 8h, re-authentication due at 2026-01-05T20:00:00Z, monitor every request (audit session.request; team-a/watch-staff), allow only GET, HEAD and OPTIONS (team-a/watch-staff), block downloads (attachments and application/pdf; team-a/no-files)"),
+            "{out}"
+        );
+        assert!(
+            lines.contains(&"Report-only session controls (not enforced): would monitor every request (audit session.request; team-a/trial-monitor)"),
+            "{out}"
+        );
+        let row = |id: &str| {
+            lines
+                .iter()
+                .find(|l| l.starts_with(id))
+                .map(|l| {
+                    l.split("  ")
+                        .map(str::trim)
+                        .filter(|c| !c.is_empty())
+                        .last()
+                        .unwrap_or_default()
+                        .to_owned()
+                })
+                .unwrap_or_else(|| panic!("no row for {id}: {out}"))
+        };
+        assert_eq!(
+            row("team-a/watch-staff"),
+            "applies; every requirement is met; session: monitor, readOnly"
+        );
+        assert_eq!(
+            row("team-a/no-files"),
+            "applies; every requirement is met; session: blockDownloads"
+        );
+        assert_eq!(
+            row("team-a/trial-monitor"),
+            "applies; every requirement is met; session: monitor"
+        );
+        assert_eq!(
+            row("team-a/require-mfa"),
+            "applies; every requirement is met"
+        );
+
+        // The JSON answer is the sign-in log line, with the controls.
+        let out = run(&["-o", "json"]);
+        let event: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        assert_eq!(
+            event["sessionControls"]["monitor"],
+            serde_json::json!(["team-a/watch-staff"])
+        );
+        assert_eq!(
+            event["sessionControls"]["readOnly"],
+            serde_json::json!(["team-a/watch-staff"])
+        );
+        assert_eq!(
+            event["sessionControls"]["blockDownloads"],
+            serde_json::json!(["team-a/no-files"])
+        );
+        assert_eq!(
+            event["reportOnlySessionControls"]["monitor"],
+            serde_json::json!(["team-a/trial-monitor"])
+        );
+    }
 }

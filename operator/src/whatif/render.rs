@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use sallyport_api::conditional_access_policy::{ClientPlatform, RiskLevel};
-use sallyport_policy::{Outcome, SignInContext, SignInEvent};
+use sallyport_policy::{Outcome, RequestControls, SignInContext, SignInEvent};
 
 use super::decide::Answer;
 
@@ -68,8 +68,17 @@ pub fn text(answer: &Answer<'_>, sign_in: &SignInContext<'_>, event: &SignInEven
     if let Some(persistent) = session.persistent_browser_session {
         controls.push(format!("persistent browser session {persistent:?}"));
     }
+    controls.extend(request_controls(&session.request, ""));
     if !controls.is_empty() {
         let _ = writeln!(text, "Session:   {}", controls.join(", "));
+    }
+    let would = request_controls(&decision.report_only_session, "would ");
+    if !would.is_empty() {
+        let _ = writeln!(
+            text,
+            "Report-only session controls (not enforced): {}",
+            would.join(", ")
+        );
     }
     let _ = writeln!(text);
     if event.policies.is_empty() {
@@ -89,10 +98,21 @@ pub fn text(answer: &Answer<'_>, sign_in: &SignInContext<'_>, event: &SignInEven
     let why: Vec<String> = event
         .policies
         .iter()
-        .map(|p| match (&p.detail, p.not_applied) {
-            (Some(detail), _) => detail.clone(),
-            (None, Some(reason)) => format!("not applied: {reason}"),
-            (None, None) => String::new(),
+        .map(|p| {
+            let mut why = match (&p.detail, p.not_applied) {
+                (Some(detail), _) => detail.clone(),
+                (None, Some(reason)) => format!("not applied: {reason}"),
+                (None, None) => String::new(),
+            };
+            let controls = if p.state == "reportOnly" {
+                decision.report_only_session.of_policy(p.id)
+            } else {
+                session.request.of_policy(p.id)
+            };
+            if !controls.is_empty() {
+                let _ = write!(why, "; session: {}", controls.join(", "));
+            }
+            why
         })
         .collect();
     let rows: Vec<[&str; 4]> = event
@@ -124,6 +144,44 @@ pub fn text(answer: &Answer<'_>, sign_in: &SignInContext<'_>, event: &SignInEven
         );
     }
     text
+}
+
+/// The per-request session controls of `request` in words, each with the policies that
+/// ask for it, every one starting with `prefix`.
+fn request_controls(request: &RequestControls, prefix: &str) -> Vec<String> {
+    let by = |policies: &[std::sync::Arc<str>]| {
+        policies
+            .iter()
+            .map(|p| p.as_ref())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut controls = Vec::new();
+    if request.monitors() {
+        controls.push(format!(
+            "{prefix}monitor every request (audit session.request; {})",
+            by(&request.monitor)
+        ));
+    }
+    if request.is_read_only() {
+        controls.push(format!(
+            "{prefix}allow only GET, HEAD and OPTIONS ({})",
+            by(&request.read_only)
+        ));
+    }
+    if request.blocks_downloads() {
+        let types = request
+            .download_content_types
+            .iter()
+            .map(|t| t.as_str())
+            .collect::<Vec<_>>()
+            .join(" ");
+        controls.push(format!(
+            "{prefix}block downloads (attachments and {types}; {})",
+            by(&request.block_downloads)
+        ));
+    }
+    controls
 }
 
 /// `name <email>`, with the groups.

@@ -27,7 +27,8 @@ use time::OffsetDateTime;
 use tracing::debug;
 
 use super::{
-    ConnectorRecord, RecordEvent, RegistrationError, Registry, split_group_id, tokens_equal,
+    ConnectorRecord, RecordEvent, RegistrationError, Registry, VersionReport, split_group_id,
+    tokens_equal,
 };
 
 /// The field manager of every write.
@@ -37,6 +38,9 @@ pub const FIELD_MANAGER: &str = "sallyport-proxy";
 /// version, certificate, last seen): its own name, so that another proxy component
 /// applying other status fields (tunnels, conditions) never removes these.
 pub const STATUS_FIELD_MANAGER: &str = "sallyport-proxy-registration";
+
+/// The field manager of the versions a connector reports when it pulls its configuration.
+pub const VERSION_FIELD_MANAGER: &str = "sallyport-proxy-versions";
 
 /// How many times a token use is retried after a conflicting write.
 pub const MAX_ATTEMPTS: usize = 8;
@@ -323,6 +327,40 @@ impl Registry for KubeRegistry {
 
     fn record(&self, record: ConnectorRecord) -> BoxFuture<'_, Result<(), RegistrationError>> {
         Box::pin(self.record_connector(record))
+    }
+
+    fn report_version(
+        &self,
+        report: VersionReport,
+    ) -> BoxFuture<'_, Result<(), RegistrationError>> {
+        Box::pin(async move {
+            let identity = &report.identity;
+            let connectors =
+                Api::<Connector>::namespaced(self.client.clone(), identity.namespace());
+            // A merge patch of these two fields alone: the registration's apply keeps
+            // owning the rest of the status.
+            let patch = json!({
+                "status": {
+                    "version": report.version,
+                    "desiredVersion": report.desired_version,
+                },
+            });
+            connectors
+                .patch_status(
+                    identity.name(),
+                    &PatchParams {
+                        field_manager: Some(VERSION_FIELD_MANAGER.to_owned()),
+                        ..PatchParams::default()
+                    },
+                    &Patch::Merge(&patch),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| RegistrationError::Backend {
+                    object: format!("Connector {}/{}", identity.namespace(), identity.name()),
+                    reason: format!("cannot record its version: {e}"),
+                })
+        })
     }
 }
 

@@ -7,7 +7,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use futures::future::BoxFuture;
 use time::OffsetDateTime;
 
-use super::{ConnectorRecord, RecordEvent, RegistrationError, Registry, tokens_equal};
+use super::{
+    ConnectorRecord, RecordEvent, RegistrationError, Registry, VersionReport, tokens_equal,
+};
 
 /// A registration token known from start-up.
 #[derive(Clone, PartialEq, Eq)]
@@ -49,6 +51,7 @@ struct Token {
 pub struct MemoryRegistry {
     tokens: Mutex<Vec<Token>>,
     records: Mutex<BTreeMap<String, ConnectorRecord>>,
+    versions: Mutex<BTreeMap<String, VersionReport>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -66,7 +69,13 @@ impl MemoryRegistry {
                     .collect(),
             ),
             records: Mutex::new(BTreeMap::new()),
+            versions: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The versions the connector `connector_id` (`namespace/name`) last reported.
+    pub fn version_of(&self, connector_id: &str) -> Option<VersionReport> {
+        lock(&self.versions).get(connector_id).cloned()
     }
 
     /// Every recorded connector, by connector id (`namespace/name`).
@@ -164,6 +173,16 @@ impl Registry for MemoryRegistry {
                 record.hostname = records.get(&id).and_then(|r| r.hostname.clone());
             }
             records.insert(id, record);
+            Ok(())
+        })
+    }
+
+    fn report_version(
+        &self,
+        report: VersionReport,
+    ) -> BoxFuture<'_, Result<(), RegistrationError>> {
+        Box::pin(async move {
+            lock(&self.versions).insert(report.identity.connector_id(), report);
             Ok(())
         })
     }

@@ -141,6 +141,17 @@ pub struct ConnectorRecord {
     pub not_after: OffsetDateTime,
 }
 
+/// The versions a connector reported when it pulled its configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionReport {
+    /// Who the connector is.
+    pub identity: ConnectorIdentity,
+    /// The version it runs.
+    pub version: String,
+    /// The version its group wants, as the configuration it was just served says.
+    pub desired_version: Option<String>,
+}
+
 /// Where registration tokens are checked and connectors recorded. Dyn-compatible:
 /// the fleet API holds an `Arc<dyn Registry>`.
 pub trait Registry: Send + Sync {
@@ -166,6 +177,11 @@ pub trait Registry: Send + Sync {
 
     /// Records a connector and its newest certificate.
     fn record(&self, record: ConnectorRecord) -> BoxFuture<'_, Result<(), RegistrationError>>;
+
+    /// Records the version a connector runs and the one its group wants (its Connector
+    /// status `version` and `desiredVersion`).
+    fn report_version(&self, report: VersionReport)
+    -> BoxFuture<'_, Result<(), RegistrationError>>;
 
     /// A fresh connector name for a host: see [`connector_name`].
     fn new_connector_name(&self, hostname: &str) -> String {
@@ -256,6 +272,9 @@ mod tests {
             Box::pin(async { Ok(()) })
         }
         fn record(&self, _: ConnectorRecord) -> BoxFuture<'_, Result<(), RegistrationError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn report_version(&self, _: VersionReport) -> BoxFuture<'_, Result<(), RegistrationError>> {
             Box::pin(async { Ok(()) })
         }
     }

@@ -264,6 +264,7 @@ fn group() -> ConnectorGroupConfig {
         certificate: CertificatePolicy::default(),
         registration: Registration::default(),
         inactive_connector_ttl: ok(sallyport_api::Duration::parse("240h")),
+        connector_version: None,
     }
 }
 

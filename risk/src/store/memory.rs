@@ -196,6 +196,24 @@ impl RiskStore for MemoryStore {
         Box::pin(async move { Ok(observation) })
     }
 
+    fn user_failures<'a>(
+        &'a self,
+        user: &'a str,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        let since = now_ms.saturating_sub(millis(self.settings.failure_window));
+        let count = self
+            .lock()
+            .user_failures
+            .get_mut(&user.to_owned())
+            .map_or(0, |times| {
+                expire(times, since);
+                times.len()
+            });
+        let count = u64::try_from(count).unwrap_or(u64::MAX);
+        Box::pin(async move { Ok(count) })
+    }
+
     fn record_failure<'a>(
         &'a self,
         user: Option<&'a str>,

@@ -178,6 +178,21 @@ impl RiskStore for RedisStore {
         })
     }
 
+    fn user_failures<'a>(
+        &'a self,
+        user: &'a str,
+        now_ms: i64,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let since = now_ms.saturating_sub(millis(self.settings.failure_window));
+            // Counted, not trimmed: a read-only look that any replica may take often.
+            let mut pipeline = redis::pipe();
+            pipeline.zcount(self.key("uf", user), format!("({since}"), "+inf");
+            let (count,): (u64,) = self.run(&pipeline).await?;
+            Ok(count)
+        })
+    }
+
     fn record_failure<'a>(
         &'a self,
         user: Option<&'a str>,
