@@ -55,6 +55,22 @@ pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long [`NodeAgent::start`] waits for its Node to be Ready and free of taints.
 pub const NODE_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Why the first container of `pod` waits (`CrashLoopBackOff`, `ImagePullBackOff`, ...),
+/// as the agent (or a kubelet) wrote it.
+pub fn waiting_reason(pod: &Pod) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .state
+        .as_ref()?
+        .waiting
+        .as_ref()?
+        .reason
+        .clone()
+}
+
 /// The local program an image stands for: its entrypoint and default arguments.
 ///
 /// A container runs `path`, then `args`, then the container's `args`; a container with a

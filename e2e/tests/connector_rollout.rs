@@ -25,7 +25,7 @@ use sallyport_e2e::dataplane::{
     eventually, https_get, run_load,
 };
 use sallyport_e2e::node_agent::{
-    NODE_LABEL, NODE_LABEL_VALUE, NodeAgent, NodeAgentConfig, PortValue, Program,
+    NODE_LABEL, NODE_LABEL_VALUE, NodeAgent, NodeAgentConfig, PortValue, Program, waiting_reason,
 };
 use sallyport_e2e::process::{start_operator, workspace_binary};
 use serde_json::{Value, json};
@@ -87,20 +87,6 @@ fn is_ready(pod: &Pod) -> bool {
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
-fn waiting_reason(pod: &Pod) -> Option<String> {
-    pod.status
-        .as_ref()?
-        .container_statuses
-        .as_ref()?
-        .first()?
-        .state
-        .as_ref()?
-        .waiting
-        .as_ref()?
-        .reason
-        .clone()
 }
 
 struct Cluster {

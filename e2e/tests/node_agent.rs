@@ -15,7 +15,7 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use sallyport_e2e::controlplane::{ControlPlane, Mode};
 use sallyport_e2e::dataplane::{StepError, eventually};
 use sallyport_e2e::node_agent::{
-    NODE_LABEL, NODE_LABEL_VALUE, NodeAgent, NodeAgentConfig, PortValue, Program,
+    NODE_LABEL, NODE_LABEL_VALUE, NodeAgent, NodeAgentConfig, PortValue, Program, waiting_reason,
 };
 use serde_json::json;
 
@@ -67,20 +67,6 @@ fn pid_of(pod: &Pod) -> Option<i32> {
         .next()?
         .parse()
         .ok()
-}
-
-fn waiting_reason(pod: &Pod) -> Option<String> {
-    pod.status
-        .as_ref()?
-        .container_statuses
-        .as_ref()?
-        .first()?
-        .state
-        .as_ref()?
-        .waiting
-        .as_ref()?
-        .reason
-        .clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
