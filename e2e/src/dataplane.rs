@@ -1623,6 +1623,29 @@ pub struct LoadTarget {
     pub expect: String,
 }
 
+impl LoadTarget {
+    /// `GET path` of the app at `host` (trusting `ca_pem`) through each of `addresses`,
+    /// a good answer containing `expect`: one target per proxy replica.
+    pub fn per_replica(
+        addresses: &[SocketAddr],
+        host: &str,
+        ca_pem: &[u8],
+        path: &str,
+        expect: &str,
+    ) -> Vec<Self> {
+        addresses
+            .iter()
+            .map(|address| Self {
+                address: *address,
+                host: host.to_owned(),
+                ca_pem: ca_pem.to_vec(),
+                path: path.to_owned(),
+                expect: expect.to_owned(),
+            })
+            .collect()
+    }
+}
+
 /// One request of a [`run_load`].
 #[derive(Debug, Clone)]
 pub struct LoadOutcome {

@@ -314,16 +314,7 @@ async fn an_operator_upgrade_rolls_connectors_one_at_a_time_and_a_bad_version_ha
     })
     .await
     .map_err(with_logs)?;
-    let targets: Vec<LoadTarget> = addresses
-        .iter()
-        .map(|address| LoadTarget {
-            address: *address,
-            host: APP_HOST.to_owned(),
-            ca_pem: app_ca.clone(),
-            path: "/".to_owned(),
-            expect: "backend=app".to_owned(),
-        })
-        .collect();
+    let targets = LoadTarget::per_replica(&addresses, APP_HOST, &app_ca, "/", "backend=app");
 
     // The operator's version changes: it restarts with a new --connector-image tag.
     let stop = Arc::new(AtomicBool::new(false));

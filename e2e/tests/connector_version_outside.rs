@@ -200,17 +200,8 @@ async fn outside_connectors_report_the_wanted_version_and_upgrade_without_losing
 
     // The documented upgrade, under load: SIGTERM (the connector drains), then the new
     // binary on the same state directory. No request fails.
-    let targets: Vec<LoadTarget> = fleet
-        .addresses()
-        .iter()
-        .map(|address| LoadTarget {
-            address: *address,
-            host: APP_HOST.to_owned(),
-            ca_pem: app_ca.clone(),
-            path: "/".to_owned(),
-            expect: "backend=app".to_owned(),
-        })
-        .collect();
+    let targets =
+        LoadTarget::per_replica(&fleet.addresses(), APP_HOST, &app_ca, "/", "backend=app");
     let until = Instant::now() + Duration::from_secs(8);
     let load =
         tokio::spawn(async move { run_load(&targets, 6, until, Duration::from_secs(15)).await });

@@ -53,18 +53,8 @@ async fn a_connector_stopped_with_sigterm_drains_without_failing_a_request() -> 
 
     // Quick requests from 8 users and slow ones (1 s at the backend) from 4 more, through
     // both replicas.
-    let target = |path: &str| -> Vec<LoadTarget> {
-        addresses
-            .iter()
-            .map(|address| LoadTarget {
-                address: *address,
-                host: APP_HOST.to_owned(),
-                ca_pem: app_ca.clone(),
-                path: path.to_owned(),
-                expect: "backend=app".to_owned(),
-            })
-            .collect()
-    };
+    let target =
+        |path: &str| LoadTarget::per_replica(&addresses, APP_HOST, &app_ca, path, "backend=app");
     let (quick, slow) = (target("/"), target(&format!("/slow/{}", SLOW.as_millis())));
     let started = Instant::now();
     let until = started + LOAD;

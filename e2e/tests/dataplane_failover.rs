@@ -68,16 +68,7 @@ async fn killing_a_connector_under_load_fails_only_its_requests_in_flight() -> T
         .await?;
     let addresses = fleet.addresses();
 
-    let targets: Vec<LoadTarget> = addresses
-        .iter()
-        .map(|address| LoadTarget {
-            address: *address,
-            host: APP_HOST.to_owned(),
-            ca_pem: app_ca.clone(),
-            path: "/".to_owned(),
-            expect: "backend=app".to_owned(),
-        })
-        .collect();
+    let targets = LoadTarget::per_replica(&addresses, APP_HOST, &app_ca, "/", "backend=app");
     let started = Instant::now();
     let load = tokio::spawn(async move {
         run_load(&targets, CLIENTS, started + LOAD, Duration::from_secs(5)).await

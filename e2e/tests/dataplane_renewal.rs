@@ -156,16 +156,7 @@ async fn a_connector_renews_under_load_and_dials_with_its_new_certificate() -> T
             }
         })
     };
-    let targets: Vec<LoadTarget> = addresses
-        .iter()
-        .map(|address| LoadTarget {
-            address: *address,
-            host: APP_HOST.to_owned(),
-            ca_pem: app_ca.clone(),
-            path: "/".to_owned(),
-            expect: "backend=app".to_owned(),
-        })
-        .collect();
+    let targets = LoadTarget::per_replica(&addresses, APP_HOST, &app_ca, "/", "backend=app");
     let load_started = Instant::now();
     let outcomes = run_load(&targets, 4, load_started + LOAD, Duration::from_secs(5)).await;
     let load_ended = Instant::now();
