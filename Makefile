@@ -115,7 +115,7 @@ cluster-down: ## Stop the local control plane and remove its state
 	$(CLUSTER) down
 
 .PHONY: bench
-bench: bench-s8 bench-dataplane bench-policy ## Benchmarks, release build, on loopback: S8 (operator), the data plane (S1, S3), conditional access
+bench: bench-s8 bench-compare bench-s4 bench-s5 bench-policy ## Benchmarks, release build, on loopback: S8 (operator), the data plane against its peers (S1, S1b, S2, S3, S3b), S4, S5, conditional access
 
 .PHONY: bench-build
 bench-build:
@@ -124,6 +124,25 @@ bench-build:
 .PHONY: bench-s8
 bench-s8: bench-build ## S8: operator and compiler, real control plane; options in BENCH_ARGS="--apps 200"
 	$(CARGO_TARGET_DIR)/release/sallyport-bench s8 $(BENCH_ARGS)
+
+.PHONY: bench-compare
+bench-compare: bench-build ## S1, S1b, S2, S3 side by side: direct, nginx, rathole (TCP, TLS), frp, Sallyport (passthrough, auth + policy); plots in bench/results/; options in BENCH_COMPARE_ARGS="--rounds 7"
+	bash bench/install-tools.sh >/dev/null
+	$(CARGO_TARGET_DIR)/release/sallyport-bench compare --oha "$$(bash bench/install-tools.sh)" --plots bench/results $(BENCH_COMPARE_ARGS)
+
+.PHONY: bench-quick
+bench-quick: ## Short comparison (direct, rathole-TLS, Sallyport with auth + policy; S1, S3) checked against bench/quick-baseline.json; CI runs it
+	$(CARGO) build --release -p sallyport-proxy -p sallyport-connector -p sallyport-bench
+	bash bench/install-tools.sh >/dev/null
+	$(CARGO_TARGET_DIR)/release/sallyport-bench quick --oha "$$(bash bench/install-tools.sh)" $(BENCH_QUICK_ARGS)
+
+.PHONY: bench-s4
+bench-s4: bench-build ## S4: N idle WebSockets (default 10,000) through proxy + connector: RSS per idle stream per side; options in BENCH_S4_ARGS="--streams 5000"
+	$(CARGO_TARGET_DIR)/release/sallyport-bench s4 $(BENCH_S4_ARGS)
+
+.PHONY: bench-s5
+bench-s5: bench-build ## S5: connector start to first response, SIGKILL/SIGTERM of one of two connectors under load, 1,000 requests cancelled at once; options in BENCH_S5_ARGS="--rounds 7"
+	$(CARGO_TARGET_DIR)/release/sallyport-bench s5 $(BENCH_S5_ARGS)
 
 .PHONY: bench-dataplane
 bench-dataplane: bench-build ## S1, S3: direct vs proxy + connector, A B A B; options in BENCH_DATAPLANE_ARGS="--rounds 7"

@@ -30,7 +30,6 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -46,7 +45,7 @@ use tokio::net::TcpSocket;
 use crate::dataplane::DataplaneError;
 use crate::dataplane::backend::SMALL_BODY;
 use crate::dataplane::client::Target;
-use crate::dataplane::fleet::{APP_HOST, Binaries, Fleet, FleetOptions};
+use crate::dataplane::fleet::{APP_HOST, BinaryArgs, Fleet, FleetOptions};
 use crate::machine::Machine;
 use crate::stats;
 
@@ -107,13 +106,9 @@ pub struct FloodArgs {
     #[arg(long, value_name = "FILTER", default_value = "warn")]
     pub log_filter: String,
 
-    /// The `sallyport-proxy` executable (default: next to this one).
-    #[arg(long, value_name = "PATH", env = "SALLYPORT_BENCH_PROXY_BIN")]
-    pub proxy_bin: Option<PathBuf>,
-
-    /// The `sallyport-connector` executable (default: next to this one).
-    #[arg(long, value_name = "PATH", env = "SALLYPORT_BENCH_CONNECTOR_BIN")]
-    pub connector_bin: Option<PathBuf>,
+    /// Where the proxy and connector executables are.
+    #[command(flatten)]
+    pub binaries: BinaryArgs,
 }
 
 /// What the legitimate users got in one phase.
@@ -267,32 +262,9 @@ pub fn user_address(index: u32) -> IpAddr {
     ))
 }
 
-fn locate(explicit: Option<&PathBuf>, name: &'static str) -> Result<PathBuf, DataplaneError> {
-    let bench = std::env::current_exe().map_err(DataplaneError::io("finding this executable"))?;
-    let path = explicit.cloned().unwrap_or_else(|| {
-        bench
-            .parent()
-            .map(|dir| dir.join(name))
-            .unwrap_or_else(|| PathBuf::from(name))
-    });
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(DataplaneError::BinaryNotFound {
-            name,
-            path,
-            hint: "build the workspace binaries first (`cargo build --release --workspace --bins`, which `make bench-flood` runs), or pass its path",
-        })
-    }
-}
-
 /// Runs the phases and returns what they measured.
 pub fn run(args: &FloodArgs) -> Result<FloodReport, DataplaneError> {
-    let binaries = Binaries {
-        proxy: locate(args.proxy_bin.as_ref(), "sallyport-proxy")?,
-        connector: locate(args.connector_bin.as_ref(), "sallyport-connector")?,
-        bench: std::env::current_exe().map_err(DataplaneError::io("finding this executable"))?,
-    };
+    let binaries = args.binaries.locate()?;
     // The children are started from this thread, which outlives them.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -317,6 +289,7 @@ pub fn run(args: &FloodArgs) -> Result<FloodReport, DataplaneError> {
             log_filter: args.log_filter.clone(),
             tunnels: 2,
             proxy_args: proxy_args.iter().map(|a| (*a).to_owned()).collect(),
+            authenticated_app: false,
         };
         runtime.block_on(async {
             let mut fleet = Fleet::start(dir.path(), &binaries, &options).await?;

@@ -7,6 +7,9 @@
 //!
 //! - [`s8`]: the operator under 1,000 PublishedApps, and the fleet configuration compiler
 //!   at 10,000 apps;
+//! - [`compare`]: S1, S1b, S2 and S3 side by side with real peers (direct, nginx, rathole
+//!   over TCP and TLS, frp, Sallyport passthrough and with authentication and policy), with
+//!   plots; `quick`, its short form that CI checks against a baseline of ratios;
 //! - [`dataplane`]: S1 (small GETs, 50 keep-alive connections) and S3 (1 GiB download and
 //!   upload over one connection, with the memory growth of proxy and connector), straight
 //!   to a backend and through the proxy and connector, side by side;
@@ -18,14 +21,18 @@
 //!   of processes;
 //! - [`machine`], [`stats`]: where a run happened, and summaries of repeated measurements.
 
+pub mod compare;
 pub mod dataplane;
 pub mod error;
 pub mod flood;
 pub mod machine;
 pub mod operator_process;
+pub mod peers;
 pub mod policy;
 pub mod procfs;
 pub mod report;
+pub mod s4;
+pub mod s5;
 pub mod s8;
 pub mod stats;
 
@@ -147,6 +154,89 @@ pub enum Scenario {
     )]
     Flood(flood::FloodArgs),
 
+    /// S4: N idle WebSockets through the proxy and a connector (default 10,000): resident
+    /// memory per idle stream of the proxy and the connector.
+    #[command(
+        long_about = "S4: many idle tunneled streams, and what each costs in memory.\n\n\
+        Starts the data-plane benchmark's system (backend, sallyport-proxy standalone with \
+        its per-client and in-flight limits off, one sallyport-connector keeping --tunnels \
+        tunnels, by default one per 1,000 streams plus one: a tunnel carries at most 1,000 \
+        streams) on loopback. Raises the open-files limit to the hard limit (inherited by \
+        the children) and opens --streams WebSockets (HTTP/1.1 upgrade over user TLS) to the \
+        backend's echo at /ws, from --source-addresses loopback addresses (127.0.6.1..), \
+        --concurrency handshakes at a time; each is checked with one echoed frame, then left \
+        idle. Reads the VmRSS of the proxy, the connector and the backend before, with half \
+        and with all open (after --settle seconds idle each), and after closing them; \
+        reports the growth per stream (goal: <= 16 KiB per side) and the slope from half to \
+        all, and checks --recheck streams again after the idle time. Bounded: 30 s per \
+        handshake, --open-timeout for all."
+    )]
+    S4(s4::S4Args),
+
+    /// S5: a connector's start to the first proxied response; with two connectors, a
+    /// SIGKILL and a SIGTERM under load; 1,000 in-flight requests cancelled at once.
+    #[command(
+        long_about = "S5: connectors starting, dying and draining, and a mass cancellation.\n\n\
+        Starts the data-plane benchmark's backend and sallyport-proxy (standalone, JSON logs, \
+        per-client limits off) and runs connectors of the group as processes. Per round \
+        (--rounds): (1) with no connector running, starts one on an empty state directory \
+        (registration) and users already connected poll GET / every --poll-ms: spawn to the \
+        first 200, to the connector's `dialling the fleet` and to the proxy's `tunnel \
+        opened`; kills it and restarts it on its saved state, measured the same; (2) starts \
+        a second connector, --connections users send GETs back to back, one connector gets \
+        SIGKILL: failed requests, first to last failure, time until new requests succeed; \
+        (3) the same with SIGTERM: failed requests and the drain time; (4) --cancel-requests \
+        requests to the backend's /slow/--slow-ms on --cancel-connections HTTP/2 \
+        connections, dropped at once when all reached the backend and again right after \
+        sending: tunnel teardowns in the proxy's and connectors' logs and the proxy's \
+        tunnels-open gauge, and whether GETs right after succeed. Goals: first response <= \
+        50 ms median, new requests within 1 s of a kill, no loss on drain, no teardown."
+    )]
+    S5(s5::S5Args),
+
+    /// S1, S1b, S2, S3 side by side with real peers: direct, nginx (plain and TLS),
+    /// rathole (TCP and TLS), frp, Sallyport (passthrough, and with authentication and
+    /// policy), A B C ... per round; medians, ratios, goals, plots.
+    #[command(
+        long_about = "The data plane side by side with its peers, in one run.\n\n\
+        One backend (this executable, `dataplane-backend`) is reached eight ways (--targets): \
+        straight (plain HTTP, the limit); through nginx as a reverse-proxy hop, plain and \
+        with user TLS; through rathole, plain TCP and TLS on the tunnel hop; through frp \
+        (TLS on the tunnel hop, its default); through sallyport-proxy and \
+        sallyport-connector to a passthrough app (user TLS, the reverse HTTP/2 tunnel over \
+        mTLS); and to an app with OpenID Connect pre-authentication and conditional access \
+        (a session cookie sealed with the fleet's session keys, an Enabled policy requiring \
+        MFA from every location, a ReportOnly baseline, identity headers, a signed \
+        assertion). Peers are installed by --peers-script (rathole from crates.io, frp from \
+        the Go module proxy, nginx from Debian) once per version, outside the repository.\n\n\
+        Scenarios (--scenarios), each over --rounds rounds, every target once per round in \
+        order: S3, one connection per transfer downloads then uploads --transfer-mib \
+        (this benchmark's own client; the hop's VmRSS sampled every 20 ms); S1, oha with \
+        --connections keep-alive connections for --duration s; S1b, the same with a new \
+        connection (and TLS handshake) per request; S2, oha at each of --rates requests per \
+        second with --latency-correction (coordinated omission corrected). Only status 200 \
+        counts. Reports, per scenario and target: median, min-max, median of the per-round \
+        ratios to direct and of Sallyport over each peer, latency percentiles, failures, the \
+        hop's CPU per request (or per GiB) from /proc, memory growth; the goals of \
+        performance.md this run can judge; with --plots, SVG plots of throughput and \
+        latency. Every process is killed when the run ends, also on failure; every wait, \
+        load and transfer is bounded."
+    )]
+    Compare(compare::CompareArgs),
+
+    /// The short comparison CI runs (`make bench-quick`): direct, rathole-TLS and
+    /// Sallyport with authentication and policy, S1 and an S3 download, 3 rounds; fails
+    /// when a ratio falls below its baseline times the tolerance.
+    #[command(long_about = "The short comparison CI runs (`make bench-quick`).\n\n\
+        Runs `compare` with direct, rathole-tls and sallyport-auth, S3 downloads of \
+        --transfer-mib and S1 for --duration s, --rounds rounds, then checks each ratio of \
+        --baseline (Sallyport over a peer, or over direct; medians of the per-round ratios) \
+        against `baseline x tolerance`. Ratios rather than absolute speeds, so a slower or \
+        busier machine does not fail it; the tolerance (0.5 in the committed baseline) \
+        absorbs noise and catches a large regression. Exits non-zero naming the ratios that \
+        fell.")]
+    Quick(compare::quick::QuickArgs),
+
     /// The data-plane benchmark's backend (started by `dataplane`, not for people).
     #[command(hide = true)]
     DataplaneBackend(dataplane::backend::BackendArgs),
@@ -164,6 +254,9 @@ pub enum Error {
     /// The policy benchmark failed.
     #[error(transparent)]
     Policy(#[from] PolicyBenchError),
+    /// `quick` measured a ratio below its floor.
+    #[error(transparent)]
+    Regression(#[from] compare::quick::Regression),
 }
 
 /// Runs the scenario `cli` names and writes its report to `out`.
@@ -171,8 +264,12 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), Error> {
     match cli.command {
         Scenario::S8(args) => Ok(s8::run(&args)?.write(out)?),
         Scenario::Dataplane(args) => Ok(dataplane::run(&args)?.write(out)?),
+        Scenario::Compare(args) => Ok(compare::run(&args)?.write(out)?),
+        Scenario::Quick(args) => compare::quick::run(&args)?.write(out),
         Scenario::Policy(args) => Ok(policy::run(&args)?.write(out)?),
         Scenario::Flood(args) => Ok(flood::run(&args)?.write(out)?),
+        Scenario::S4(args) => Ok(s4::run(&args)?.write(out)?),
+        Scenario::S5(args) => Ok(s5::run(&args)?.write(out)?),
         Scenario::DataplaneBackend(args) => Ok(dataplane::backend::serve(&args)?),
     }
 }

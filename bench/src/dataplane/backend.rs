@@ -7,17 +7,28 @@
 //!   buffer sent again and again, nothing read from disk), with a `Content-Length`, for the
 //!   download (S3);
 //! - `POST /upload`: reads the whole body, counting it, and answers the count as text,
-//!   for the upload (S3).
+//!   for the upload (S3);
+//! - `GET /slow/MS`: `ok` after MS milliseconds, counted while it waits (S5's mass
+//!   cancellation: requests that stay in flight); `GET /inflight`: how many `/slow`
+//!   requests wait now (a request whose client went away stops counting);
+//! - `GET /ws` with `Upgrade: websocket`: the WebSocket handshake (101 with the
+//!   `Sec-WebSocket-Accept` of RFC 6455), then every byte received is sent back as it
+//!   came; frames are not parsed (S4: idle tunneled streams).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
 use clap::Args;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use base64::Engine as _;
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE,
+};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -31,6 +42,19 @@ pub const BYTES_PATH: &str = "/bytes/";
 pub const UPLOAD_PATH: &str = "/upload";
 /// The body of every small GET.
 pub const SMALL_BODY: &[u8] = b"ok";
+/// The path prefix of the delayed answer.
+pub const SLOW_PATH: &str = "/slow/";
+/// The path of the count of `/slow` requests waiting.
+pub const INFLIGHT_PATH: &str = "/inflight";
+/// The path of the WebSocket echo.
+pub const WEBSOCKET_PATH: &str = "/ws";
+/// The GUID of RFC 6455's `Sec-WebSocket-Accept`.
+const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+/// The longest `/slow` wait, milliseconds.
+const SLOW_MAX_MS: u64 = 600_000;
+
+/// `/slow` requests waiting now.
+static SLOW_IN_FLIGHT: AtomicU64 = AtomicU64::new(0);
 
 /// Options of `sallyport-bench dataplane-backend`.
 #[derive(Clone, Debug, Args)]
@@ -77,6 +101,7 @@ pub fn serve(args: &BackendArgs) -> Result<(), DataplaneError> {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
                     .await;
             });
         }
@@ -85,6 +110,29 @@ pub fn serve(args: &BackendArgs) -> Result<(), DataplaneError> {
 
 async fn answer(request: Request<Incoming>, chunk: Bytes) -> Response<Body> {
     let path = request.uri().path();
+    if path == WEBSOCKET_PATH {
+        return websocket(request);
+    }
+    if let Some(ms) = path.strip_prefix(SLOW_PATH) {
+        return match ms.parse::<u64>() {
+            Ok(ms) if ms <= SLOW_MAX_MS => {
+                let _waiting = SlowGuard::enter();
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                let mut response = Response::new(Full::new(Bytes::from_static(SMALL_BODY)).boxed());
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                response
+            }
+            _ => text(StatusCode::BAD_REQUEST, format!("bad delay {ms:?}")),
+        };
+    }
+    if path == INFLIGHT_PATH {
+        return text(
+            StatusCode::OK,
+            SLOW_IN_FLIGHT.load(Ordering::Relaxed).to_string(),
+        );
+    }
     if request.method() == Method::POST && path == UPLOAD_PATH {
         let mut body = request.into_body();
         let mut received: u64 = 0;
@@ -138,8 +186,80 @@ fn download(size: u64, chunk: Bytes) -> Response<Body> {
     response
 }
 
+/// Counts a `/slow` request while it waits; dropped with the request (also when hyper
+/// drops it because the client went away).
+struct SlowGuard;
+
+impl SlowGuard {
+    fn enter() -> Self {
+        SLOW_IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
+        Self
+    }
+}
+
+impl Drop for SlowGuard {
+    fn drop(&mut self) {
+        SLOW_IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The `Sec-WebSocket-Accept` answering `key` (RFC 6455, section 4.2.2).
+pub fn websocket_accept(key: &[u8]) -> String {
+    let mut input = key.to_vec();
+    input.extend_from_slice(WEBSOCKET_GUID.as_bytes());
+    let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &input);
+    base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
+}
+
+/// The WebSocket handshake of `/ws`, then an echo of the raw bytes until either side
+/// closes.
+fn websocket(mut request: Request<Incoming>) -> Response<Body> {
+    let upgrade = request
+        .headers()
+        .get(UPGRADE)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let Some(key) = request.headers().get(SEC_WEBSOCKET_KEY).cloned() else {
+        return text(StatusCode::BAD_REQUEST, "no Sec-WebSocket-Key".to_owned());
+    };
+    if !upgrade {
+        return text(StatusCode::BAD_REQUEST, "no Upgrade: websocket".to_owned());
+    }
+    let Ok(accept) = HeaderValue::from_str(&websocket_accept(key.as_bytes())) else {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "accept key".to_owned());
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let (mut reader, mut writer) = tokio::io::split(TokioIo::new(upgraded));
+        let _ = tokio::io::copy(&mut reader, &mut writer).await;
+    });
+    let mut response = Response::new(Empty::new().boxed());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(SEC_WEBSOCKET_ACCEPT, accept);
+    response
+}
+
 fn text(status: StatusCode, body: String) -> Response<Body> {
     let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
     *response.status_mut() = status;
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_accept_is_rfc_6455s() {
+        // The example of RFC 6455, section 1.3.
+        assert_eq!(
+            websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
 }

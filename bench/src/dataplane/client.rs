@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, HOST};
+use http::header::{CONTENT_LENGTH, COOKIE, HOST};
 use http::{HeaderValue, Method, Request, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, StreamBody};
@@ -46,6 +46,8 @@ pub enum Target {
         port: u16,
         /// TLS settings trusting only the app's certificate.
         tls: Arc<rustls::ClientConfig>,
+        /// A `Cookie` header sent with every request (a signed-in user's session).
+        cookie: Option<HeaderValue>,
     },
 }
 
@@ -76,7 +78,32 @@ impl Target {
             host: host.to_owned(),
             port,
             tls: Arc::new(config),
+            cookie: None,
         })
+    }
+
+    /// This target with `cookie` (a `Cookie` header value) on every request; a plain
+    /// target is returned unchanged.
+    pub fn with_cookie(self, cookie: &str) -> Result<Self, DataplaneError> {
+        match self {
+            Self::Proxy {
+                address,
+                host,
+                port,
+                tls,
+                ..
+            } => Ok(Self::Proxy {
+                address,
+                host,
+                port,
+                tls,
+                cookie: Some(
+                    HeaderValue::from_str(cookie)
+                        .map_err(DataplaneError::client("the session cookie"))?,
+                ),
+            }),
+            direct => Ok(direct),
+        }
     }
 
     /// A short name for progress lines.
@@ -87,7 +114,8 @@ impl Target {
         }
     }
 
-    fn host_header(&self) -> String {
+    /// The `Host` header its requests carry.
+    pub fn host_header(&self) -> String {
         match self {
             Self::Direct { address } => address.to_string(),
             Self::Proxy { host, port, .. } => format!("{host}:{port}"),
@@ -124,6 +152,10 @@ impl Target {
         Ok(Connection {
             sender,
             host: self.host_header(),
+            cookie: match self {
+                Self::Proxy { cookie, .. } => cookie.clone(),
+                Self::Direct { .. } => None,
+            },
         })
     }
 }
@@ -144,6 +176,7 @@ where
 pub struct Connection {
     sender: SendRequest<Body>,
     host: String,
+    cookie: Option<HeaderValue>,
 }
 
 /// What a request got.
@@ -218,6 +251,9 @@ impl Connection {
         );
         if let Some(length) = length {
             headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        if let Some(cookie) = &self.cookie {
+            headers.insert(COOKIE, cookie.clone());
         }
         Ok(request)
     }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use sallyport_operator::compile::command::{self, CompileArgs, Format};
 use tokio::net::TcpStream;
 
+use super::authenticated;
 use super::backend::SMALL_BODY;
 use super::client::Target;
 use super::error::DataplaneError;
@@ -41,6 +42,33 @@ pub struct Binaries {
     pub bench: PathBuf,
 }
 
+/// Where the proxy and connector executables are: the flags every scenario with a
+/// standalone fleet shares.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct BinaryArgs {
+    /// The `sallyport-proxy` executable (default: next to this one).
+    #[arg(long, value_name = "PATH", env = "SALLYPORT_BENCH_PROXY_BIN")]
+    pub proxy_bin: Option<PathBuf>,
+
+    /// The `sallyport-connector` executable (default: next to this one).
+    #[arg(long, value_name = "PATH", env = "SALLYPORT_BENCH_CONNECTOR_BIN")]
+    pub connector_bin: Option<PathBuf>,
+}
+
+impl BinaryArgs {
+    /// The executables: the given paths, else the files next to this benchmark (where
+    /// `cargo build --release --workspace --bins` puts them).
+    pub fn locate(&self) -> Result<Binaries, DataplaneError> {
+        let bench =
+            std::env::current_exe().map_err(DataplaneError::io("finding this executable"))?;
+        Ok(Binaries {
+            proxy: super::locate(self.proxy_bin.as_ref(), "sallyport-proxy", &bench)?,
+            connector: super::locate(self.connector_bin.as_ref(), "sallyport-connector", &bench)?,
+            bench,
+        })
+    }
+}
+
 /// How the system under test is started.
 #[derive(Clone, Debug)]
 pub struct FleetOptions {
@@ -54,6 +82,20 @@ pub struct FleetOptions {
     pub tunnels: u16,
     /// Further `sallyport-proxy run` flags (e.g. its abuse limits).
     pub proxy_args: Vec<String>,
+    /// Also publish the backend as the OIDC app of [`authenticated`], with its policies,
+    /// and seal a session cookie for it.
+    pub authenticated_app: bool,
+}
+
+/// The authenticated app, when the fleet publishes it ([`FleetOptions::authenticated_app`]).
+#[derive(Clone)]
+pub struct AuthenticatedApp {
+    /// HTTPS to it through the proxy, with the session cookie.
+    pub via_proxy: Target,
+    /// Its certificate, PEM file.
+    pub ca_file: PathBuf,
+    /// The `Cookie` header value carrying the signed-in user's session.
+    pub cookie: String,
 }
 
 /// The backend, the proxy and the connector, running; all killed when dropped.
@@ -74,18 +116,71 @@ pub struct Fleet {
     pub proxy_address: SocketAddr,
     /// The app's certificate, PEM file (what oha trusts).
     pub app_ca_file: PathBuf,
+    /// The authenticated app, when published.
+    pub authenticated: Option<AuthenticatedApp>,
+    /// The proxy's probe address (`/metrics`, `/readyz`).
+    pub probe_address: SocketAddr,
+    /// How the connector was started: to start more of the group's connectors.
+    pub connector_launch: ConnectorLaunch,
 }
 
-/// A free loopback port (bound, read, released), for processes told their port up front.
-fn free_port() -> Result<u16, DataplaneError> {
+/// How to start a connector of the benchmark's group: the executable, the flags that
+/// reach the proxy, the log filter and the registration token. Several connectors of the
+/// group run side by side with state directories of their own.
+#[derive(Clone, Debug)]
+pub struct ConnectorLaunch {
+    /// `sallyport-connector`.
+    pub program: PathBuf,
+    /// `run` and its flags, without `--state-dir`.
+    pub args: Vec<String>,
+    /// `RUST_LOG`.
+    pub log_filter: String,
+    /// The group's static registration token.
+    pub token: String,
+}
+
+impl ConnectorLaunch {
+    /// Starts a connector keeping its state in `state_dir` (it registers when the
+    /// directory holds no state, else it reuses it: a restart), logging to `log`, with
+    /// `extra_args` added.
+    pub fn start(
+        &self,
+        name: &'static str,
+        state_dir: &Path,
+        log: &Path,
+        extra_args: &[String],
+    ) -> Result<ChildProcess, DataplaneError> {
+        let mut args = self.args.clone();
+        args.extend(["--state-dir".to_owned(), state_dir.display().to_string()]);
+        args.extend(extra_args.iter().cloned());
+        ChildProcess::start(
+            name,
+            &self.program,
+            &args,
+            &[
+                ("RUST_LOG", &self.log_filter),
+                ("SALLYPORT_REGISTRATION_TOKEN", &self.token),
+            ],
+            log,
+        )
+    }
+}
+
+/// A free loopback address (bound, read, released), for processes told their port up
+/// front.
+pub fn free_address() -> Result<SocketAddr, DataplaneError> {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
         .map_err(DataplaneError::io("finding a free loopback port"))
 }
 
+/// A free loopback port (see [`free_address`]).
+fn free_port() -> Result<u16, DataplaneError> {
+    free_address().map(|address| address.port())
+}
+
 /// Waits until `address` accepts TCP connections, while `process` runs.
-async fn wait_for_port(
+pub async fn wait_for_port(
     address: SocketAddr,
     process: &mut ChildProcess,
     within: Duration,
@@ -188,6 +283,44 @@ impl Fleet {
             manifests(proxy_address.port(), backend_address),
         )
         .map_err(DataplaneError::io("writing the manifests"))?;
+        let authenticated = if options.authenticated_app {
+            std::fs::write(
+                manifest_dir.join("bench-authenticated.yaml"),
+                authenticated::manifests(
+                    NAMESPACE,
+                    GROUP,
+                    proxy_address.port(),
+                    &format!("http://{backend_address}/"),
+                ),
+            )
+            .map_err(DataplaneError::io(
+                "writing the authenticated app's manifests",
+            ))?;
+            let ca = pki::write_app_certificate(
+                &tls_dir,
+                NAMESPACE,
+                authenticated::TLS_SECRET,
+                authenticated::APP_HOST,
+            )?;
+            let ca_file = dir.join("auth-app-ca.crt");
+            std::fs::write(&ca_file, &ca)
+                .map_err(DataplaneError::io(format!("writing {}", ca_file.display())))?;
+            let cookie = authenticated::write_keys_and_seal_cookie(&tls_dir, NAMESPACE)?;
+            let via_proxy = Target::proxy(
+                proxy_address,
+                authenticated::APP_HOST,
+                proxy_address.port(),
+                &ca,
+            )?
+            .with_cookie(&cookie)?;
+            Some(AuthenticatedApp {
+                via_proxy,
+                ca_file,
+                cookie,
+            })
+        } else {
+            None
+        };
         let fleet_config = dir.join("fleet-config.json");
         let mut compile_report = Vec::new();
         command::run(
@@ -254,10 +387,9 @@ impl Fleet {
         wait_for_port(proxy_address, &mut proxy, Duration::from_secs(30)).await?;
 
         eprintln!("dataplane: starting the connector");
-        let connector = ChildProcess::start(
-            "sallyport-connector",
-            &binaries.connector,
-            &[
+        let connector_launch = ConnectorLaunch {
+            program: binaries.connector.clone(),
+            args: [
                 "run",
                 "--fleet-address",
                 &proxy_address.to_string(),
@@ -267,17 +399,19 @@ impl Fleet {
                 &path(&fleet_pki.root_ca_file),
                 "--group",
                 &group_id,
-                "--state-dir",
-                &path(&dir.join("connector-state")),
                 "--tunnels-per-replica",
                 &options.tunnels.to_string(),
             ]
-            .map(str::to_owned),
-            &[
-                ("RUST_LOG", &options.log_filter),
-                ("SALLYPORT_REGISTRATION_TOKEN", &token),
-            ],
+            .map(str::to_owned)
+            .to_vec(),
+            log_filter: options.log_filter.clone(),
+            token: token.clone(),
+        };
+        let connector = connector_launch.start(
+            "sallyport-connector",
+            &dir.join("connector-state"),
             &dir.join("connector.log"),
+            &[],
         )?;
 
         let mut fleet = Self {
@@ -291,40 +425,51 @@ impl Fleet {
             backend_address,
             proxy_address,
             app_ca_file,
+            authenticated,
+            probe_address,
+            connector_launch,
         };
         fleet.wait_until_served(Duration::from_secs(60)).await?;
         Ok(fleet)
     }
 
-    /// Waits until a small GET through the proxy gets the backend's answer.
+    /// Waits until a small GET through the proxy gets the backend's answer, for the
+    /// passthrough app and (when published) the authenticated one.
     async fn wait_until_served(&mut self, within: Duration) -> Result<(), DataplaneError> {
         let deadline = Instant::now() + within;
-        loop {
-            self.check_running()?;
-            let attempt = async {
-                let mut connection = self.via_proxy.connect().await?;
-                connection.get("/", Duration::from_secs(5)).await
-            };
-            let last = match attempt.await {
-                Ok(answer)
-                    if answer.status == http::StatusCode::OK
-                        && answer.head.as_bytes() == SMALL_BODY =>
-                {
-                    return Ok(());
+        let mut targets = vec![self.via_proxy.clone()];
+        targets.extend(self.authenticated.as_ref().map(|app| app.via_proxy.clone()));
+        for target in targets {
+            loop {
+                self.check_running()?;
+                let attempt = async {
+                    let mut connection = target.connect().await?;
+                    connection.get("/", Duration::from_secs(5)).await
+                };
+                let last = match attempt.await {
+                    Ok(answer)
+                        if answer.status == http::StatusCode::OK
+                            && answer.head.as_bytes() == SMALL_BODY =>
+                    {
+                        break;
+                    }
+                    Ok(answer) => format!("{}: {}", answer.status, answer.head.trim()),
+                    Err(error) => error.to_string(),
+                };
+                if Instant::now() > deadline {
+                    return Err(DataplaneError::Timeout {
+                        what: format!(
+                            "the first answer from the backend through the proxy and connector ({})",
+                            target.host_header()
+                        ),
+                        waited: within,
+                        last: Some(last),
+                    });
                 }
-                Ok(answer) => format!("{}: {}", answer.status, answer.head.trim()),
-                Err(error) => error.to_string(),
-            };
-            if Instant::now() > deadline {
-                return Err(DataplaneError::Timeout {
-                    what: "the first answer from the backend through the proxy and connector"
-                        .to_owned(),
-                    waited: within,
-                    last: Some(last),
-                });
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        Ok(())
     }
 
     /// Fails when the backend, the proxy or the connector has exited.

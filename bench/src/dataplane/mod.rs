@@ -15,6 +15,7 @@
 //! proxy reading a configuration compiled from YAML, the connector registering with a
 //! static token; [`pki`] writes the TLS material; [`report`] prints medians and ratios.
 
+pub mod authenticated;
 pub mod backend;
 pub mod client;
 pub mod cpu;
@@ -33,7 +34,7 @@ use bytes::Bytes;
 use clap::Args;
 
 pub use error::DataplaneError;
-use fleet::{Binaries, Fleet, FleetOptions};
+use fleet::{Binaries, BinaryArgs, Fleet, FleetOptions};
 use oha::OhaLoad;
 use report::{DataplaneReport, ProcessCpu, S1Round, Settings, TransferRound, Versions};
 use sampler::RssSampler;
@@ -93,13 +94,9 @@ pub struct DataplaneArgs {
     #[arg(long, value_name = "PATH", env = "SALLYPORT_BENCH_OHA")]
     pub oha: Option<PathBuf>,
 
-    /// The `sallyport-proxy` executable (default: next to this one).
-    #[arg(long, value_name = "PATH", env = "SALLYPORT_BENCH_PROXY_BIN")]
-    pub proxy_bin: Option<PathBuf>,
-
-    /// The `sallyport-connector` executable (default: next to this one).
-    #[arg(long, value_name = "PATH", env = "SALLYPORT_BENCH_CONNECTOR_BIN")]
-    pub connector_bin: Option<PathBuf>,
+    /// Where the proxy and connector executables are.
+    #[command(flatten)]
+    pub binaries: BinaryArgs,
 
     /// `RUST_LOG` of the proxy and the connector.
     #[arg(long, value_name = "FILTER", default_value = "info")]
@@ -116,7 +113,9 @@ const RSS_INTERVAL: Duration = Duration::from_millis(20);
 /// At most this many samples per transfer (an hour at [`RSS_INTERVAL`]).
 const RSS_SAMPLES: u32 = 180_000;
 
-fn locate(
+/// The executable `name`: `explicit` when given, else the file of that name next to the
+/// benchmark (`bench`); an error with a hint when it is not there.
+pub fn locate(
     explicit: Option<&PathBuf>,
     name: &'static str,
     bench: &Path,
@@ -141,48 +140,15 @@ fn locate(
 
 /// Runs S3 then S1 and returns what they measured.
 pub fn run(args: &DataplaneArgs) -> Result<DataplaneReport, DataplaneError> {
-    let bench = std::env::current_exe().map_err(DataplaneError::io("finding this executable"))?;
-    let binaries = Binaries {
-        proxy: locate(args.proxy_bin.as_ref(), "sallyport-proxy", &bench)?,
-        connector: locate(args.connector_bin.as_ref(), "sallyport-connector", &bench)?,
-        bench,
-    };
+    let binaries = args.binaries.locate()?;
     let oha = if args.skip_s1 {
         None
     } else {
         Some(oha::locate(args.oha.as_deref())?)
     };
-    let (dir, temp) = match &args.keep_dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .map_err(DataplaneError::io(format!("creating {}", dir.display())))?;
-            (dir.clone(), None)
-        }
-        None => {
-            let temp = tempfile::Builder::new()
-                .prefix("sallyport-bench-dataplane-")
-                .tempdir()
-                .map_err(DataplaneError::io("creating a temporary directory"))?;
-            (temp.path().to_owned(), Some(temp))
-        }
-    };
-    // One thread: every child process is started from the main thread, which outlives
-    // them (they get SIGKILL when it ends).
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(DataplaneError::io("starting the async runtime"))?;
-    let result = runtime.block_on(measure(args, &binaries, oha.as_deref(), &dir));
-    if result.is_err()
-        && let Some(temp) = temp
-    {
-        let kept = temp.keep();
-        eprintln!(
-            "dataplane: the run failed; its directory, with the processes' logs, is kept at {}",
-            kept.display()
-        );
-    }
-    result
+    in_run_dir(args.keep_dir.as_deref(), "dataplane", |dir| async move {
+        measure(args, &binaries, oha.as_deref(), &dir).await
+    })
 }
 
 async fn measure(
@@ -200,6 +166,7 @@ async fn measure(
         proxy_args: ["--client-requests-per-second", "0"]
             .map(str::to_owned)
             .to_vec(),
+        authenticated_app: false,
     };
     let mut fleet = Fleet::start(dir, binaries, &options).await?;
     eprintln!(
@@ -251,7 +218,53 @@ async fn measure(
     ))
 }
 
-async fn program_version(program: &Path) -> String {
+/// Runs `measure` in the run's directory on a single-threaded runtime: `keep` (created),
+/// else a new temporary directory `sallyport-bench-<label>-...`, removed afterwards unless
+/// the run fails (then its path, with every process's log, is printed).
+///
+/// One thread: every child process is started from the main thread, which outlives them
+/// (they get SIGKILL when it ends).
+pub fn in_run_dir<T, F>(
+    keep: Option<&Path>,
+    label: &str,
+    measure: impl FnOnce(PathBuf) -> F,
+) -> Result<T, DataplaneError>
+where
+    F: Future<Output = Result<T, DataplaneError>>,
+{
+    let (dir, temp) = match keep {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .map_err(DataplaneError::io(format!("creating {}", dir.display())))?;
+            (dir.to_owned(), None)
+        }
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix(&format!("sallyport-bench-{label}-"))
+                .tempdir()
+                .map_err(DataplaneError::io("creating a temporary directory"))?;
+            (temp.path().to_owned(), Some(temp))
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(DataplaneError::io("starting the async runtime"))?;
+    let result = runtime.block_on(measure(dir));
+    if result.is_err()
+        && let Some(temp) = temp
+    {
+        let kept = temp.keep();
+        eprintln!(
+            "{label}: the run failed; its directory, with every process's log, is kept at {}",
+            kept.display()
+        );
+    }
+    result
+}
+
+/// `<program> --version`, trimmed (or why it could not be read).
+pub async fn program_version(program: &Path) -> String {
     match tokio::process::Command::new(program)
         .arg("--version")
         .output()

@@ -137,6 +137,8 @@ pub struct OhaResult {
     pub p50_ms: Option<f64>,
     /// 99th percentile latency, milliseconds.
     pub p99_ms: Option<f64>,
+    /// 99.9th percentile latency, milliseconds.
+    pub p999_ms: Option<f64>,
     /// Error messages and their counts, as oha reports them (deadline aborts left out).
     pub error_kinds: BTreeMap<String, u64>,
 }
@@ -196,6 +198,7 @@ pub fn parse_report(json: &str) -> Result<OhaResult, DataplaneError> {
         ok_per_second: ok as f64 / seconds,
         p50_ms: millis("p50"),
         p99_ms: millis("p99"),
+        p999_ms: millis("p99.9"),
         error_kinds,
     })
 }
@@ -236,6 +239,10 @@ mod tests {
         assert!((result.ok_per_second - 320_000.0 / 8.0012).abs() < 1e-6);
         assert_eq!(result.p50_ms.map(|ms| (ms * 1000.0).round()), Some(1100.0));
         assert_eq!(result.p99_ms.map(|ms| (ms * 1000.0).round()), Some(3000.0));
+        assert_eq!(
+            result.p999_ms.map(|ms| (ms * 1000.0).round()),
+            Some(10_000.0)
+        );
         Ok(())
     }
 

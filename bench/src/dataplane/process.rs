@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use super::error::DataplaneError;
@@ -98,6 +98,56 @@ impl ChildProcess {
     /// CPU time (user and system, all threads) it has used so far.
     pub fn cpu_time(&self) -> Result<Duration, DataplaneError> {
         Ok(procfs::cpu_time(self.pid())?)
+    }
+
+    /// Sends SIGTERM (what Kubernetes sends a pod it removes): the process drains and
+    /// exits on its own; see [`ChildProcess::wait_exit`].
+    pub fn terminate(&mut self) -> Result<(), DataplaneError> {
+        self.signal(nix::sys::signal::Signal::SIGTERM)
+    }
+
+    /// Sends SIGKILL: the process ends at once, its connections cut by the kernel.
+    pub fn kill(&mut self) -> Result<(), DataplaneError> {
+        self.signal(nix::sys::signal::Signal::SIGKILL)
+    }
+
+    fn signal(&mut self, signal: nix::sys::signal::Signal) -> Result<(), DataplaneError> {
+        if self.child.try_wait().ok().flatten().is_some() {
+            // Already gone (and reaped): no signal to a recycled process id.
+            return Ok(());
+        }
+        let pid = i32::try_from(self.pid()).map_err(|_| DataplaneError::Client {
+            what: format!("signalling {}", self.name),
+            message: format!("process id {} out of range", self.pid()),
+        })?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).map_err(|errno| {
+            DataplaneError::Io {
+                what: format!("sending {signal} to {} ({pid})", self.name),
+                source: std::io::Error::from(errno),
+            }
+        })
+    }
+
+    /// Waits (polling every millisecond) until the process has exited, at most `within`:
+    /// its exit status, or `None` while it still runs.
+    pub async fn wait_exit(
+        &mut self,
+        within: Duration,
+    ) -> Result<Option<ExitStatus>, DataplaneError> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Ok(Some(status)),
+                Ok(None) if std::time::Instant::now() >= deadline => return Ok(None),
+                Ok(None) => tokio::time::sleep(Duration::from_millis(1)).await,
+                Err(source) => {
+                    return Err(DataplaneError::Io {
+                        what: format!("waiting for {} to exit", self.name),
+                        source,
+                    });
+                }
+            }
+        }
     }
 }
 
