@@ -662,7 +662,11 @@ impl Proxy {
             let answer = async move {
                 match admitted {
                     Ok(admission) => {
-                        let response = proxy.user_request(request, client).await;
+                        // Boxed: answering a request is a large future (the state of
+                        // every branch: sign-in, WebSocket, tunnel), and hyper's
+                        // dispatcher and the wrappers around it move the future they
+                        // hold several times per request; a box moves as a pointer.
+                        let response = Box::pin(proxy.user_request(request, client)).await;
                         response.map(|body| HeldBody::wrap(body, admission))
                     }
                     Err(refusal) => refused(&request, refusal, client.client_ip),
@@ -723,16 +727,17 @@ impl Proxy {
             && matched.as_ref().is_none_or(|m| {
                 m.route.pre_authentication.kind != PreAuthenticationType::Passthrough
             })
-            && let Some(answer) = authenticator
-                .reserved(
-                    &router,
-                    &request,
-                    &origin,
-                    port,
-                    client.client_ip,
-                    &request_id,
-                )
-                .await
+            // Boxed, as the WebSocket branch below: a rare branch with a large future,
+            // kept out of the state every request's future carries.
+            && let Some(answer) = Box::pin(authenticator.reserved(
+                &router,
+                &request,
+                &origin,
+                port,
+                client.client_ip,
+                &request_id,
+            ))
+            .await
         {
             return answer;
         }
@@ -819,14 +824,14 @@ impl Proxy {
             }
         }
         if websocket::is_websocket_request(&request) {
-            return websocket::tunnel_upgrade(
+            return Box::pin(websocket::tunnel_upgrade(
                 &self.pool,
                 route,
                 request,
                 &client,
                 &request_id,
                 guard,
-            )
+            ))
             .await;
         }
         // A body without a length is cut at the limit, and the request answered 413.
