@@ -32,7 +32,7 @@ use sallyport_tunnel::dial::Handler;
 use sallyport_tunnel::wire::{APP_HEADER, REQUEST_ID_HEADER};
 use tracing::warn;
 
-use crate::slice::CurrentSlice;
+use crate::slice::{AppBackend, CurrentSlice};
 use crate::websocket;
 
 /// Response header on every answer the connector makes itself rather than the backend:
@@ -133,14 +133,29 @@ impl Backends {
     /// Serves one tunneled request: checks it, forwards it to the app's backend and
     /// streams the answer back (see the module docs). Never fails: every problem becomes
     /// a response.
-    pub async fn handle(&self, mut request: Request<Incoming>) -> Response<TunnelBody> {
-        let request_id = request.headers().get(REQUEST_ID_HEADER).cloned();
-        let Some(app) = request
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<TunnelBody> {
+        let app = self.app_of(&request);
+        self.handle_app(request, app).await
+    }
+
+    /// The app of the current slice that `request` names in [`APP_HEADER`], if any.
+    pub fn app_of<B>(&self, request: &Request<B>) -> Option<Arc<AppBackend>> {
+        request
             .headers()
             .get(APP_HEADER)
             .and_then(|value| value.to_str().ok())
             .and_then(|id| self.slice.app(id))
-        else {
+    }
+
+    /// [`Backends::handle`] with the app already looked up by [`Backends::app_of`] (one
+    /// lookup per request when the caller needs the app too, as the metrics do).
+    pub async fn handle_app(
+        &self,
+        mut request: Request<Incoming>,
+        app: Option<Arc<AppBackend>>,
+    ) -> Response<TunnelBody> {
+        let request_id = request.headers().get(REQUEST_ID_HEADER).cloned();
+        let Some(app) = app else {
             let named = request
                 .headers()
                 .get(APP_HEADER)
@@ -165,7 +180,9 @@ impl Backends {
             );
         }
         if request.method() == Method::CONNECT {
-            return websocket::serve(&app, request, request_id.as_ref()).await;
+            // Boxed: a rare branch with a large future, kept out of the state every
+            // request's future carries (and moves).
+            return Box::pin(websocket::serve(&app, request, request_id.as_ref())).await;
         }
 
         let headers = request.headers_mut();
@@ -266,12 +283,33 @@ pub(crate) fn remove_sallyport_headers(headers: &mut HeaderMap) {
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// The hop-by-hop headers removed whatever `Connection` names, `Connection` first.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+];
+
 /// Removes the hop-by-hop headers (RFC 9110 section 7.6.1): those `Connection` names,
 /// `Connection` itself, `Keep-Alive`, `Proxy-Connection`, `Proxy-Authenticate`,
 /// `Proxy-Authorization`, `Trailer`, `Transfer-Encoding` and `Upgrade`; and `TE` unless it
 /// is exactly `trailers` (which gRPC over HTTP/2 needs). Allocates only when a
 /// `Connection` header names other headers.
 pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests and responses carry none: one pass over the names present instead
+    // of a lookup (and a hash) per hop-by-hop header. Without `Connection` no other
+    // header is named hop-by-hop.
+    if !headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(name) || name == TE)
+    {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -285,15 +323,7 @@ pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
         }
         headers.remove(CONNECTION);
     }
-    for name in [
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        PROXY_AUTHENTICATE,
-        PROXY_AUTHORIZATION,
-        TRAILER,
-        TRANSFER_ENCODING,
-        UPGRADE,
-    ] {
+    for name in &HOP_BY_HOP[1..] {
         headers.remove(name);
     }
     let te_is_trailers = {

@@ -34,13 +34,13 @@ use prometheus::{
 };
 use sallyport_service::metrics::register;
 use sallyport_tunnel::dial::{DialStatus, Handler};
-use sallyport_tunnel::wire::APP_HEADER;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::backend::Backends;
+use crate::slice::AppBackend;
 
 /// The `app` label of tunneled requests for an app the slice does not serve.
 pub const UNKNOWN_APP: &str = "unknown";
@@ -275,17 +275,14 @@ impl ConnectorMetrics {
     pub fn handler(&self, backends: Arc<Backends>) -> Handler {
         let metrics = self.clone();
         Arc::new(move |request: Request<Incoming>| {
-            let app = request
-                .headers()
-                .get(APP_HEADER)
-                .and_then(|value| value.to_str().ok())
-                .filter(|id| backends.slice().app(id).is_some())
-                .map_or_else(|| UNKNOWN_APP.to_owned(), str::to_owned);
+            // Looked up once: the label and the handling see the same app.
+            let app = backends.app_of(&request);
             let (backends, metrics) = (Arc::clone(&backends), metrics.clone());
             Box::pin(async move {
                 let started = Instant::now();
-                let response = backends.handle(request).await;
-                metrics.request_carried(&app, response.status(), started.elapsed());
+                let response = backends.handle_app(request, app.clone()).await;
+                let label = app.as_deref().map_or(UNKNOWN_APP, AppBackend::app);
+                metrics.request_carried(label, response.status(), started.elapsed());
                 response
             })
         })

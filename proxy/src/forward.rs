@@ -197,7 +197,11 @@ where
             value: route.app.clone(),
         })?;
     let external_host = external_host(&request);
-    let request_id = header_value(route, REQUEST_ID_HEADER, request_id)?;
+    let mut request_id = header_value(route, REQUEST_ID_HEADER, request_id)?;
+    // New on every request, so never worth a place in the tunnel's HPACK tables: sent as
+    // a never-indexed literal, it spares both ends inserting and evicting an entry per
+    // request (and keeps the repeated headers' entries from being pushed out).
+    request_id.set_sensitive(true);
 
     let (mut parts, body) = request.into_parts();
     parts.uri = target;
@@ -208,7 +212,8 @@ where
     // hop-by-hop headers.
     remove_hop_by_hop(headers, Keep::TeTrailers);
     remove_reserved(headers);
-    if !client.via_trusted_proxy {
+    // One pass over the names present first: most clients send none of these.
+    if !client.via_trusted_proxy && headers.keys().any(|name| CLIENT_FORWARDING.contains(name)) {
         for name in &CLIENT_FORWARDING {
             headers.remove(name);
         }
@@ -619,6 +624,15 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 
 /// Removes the hop-by-hop headers, those the `Connection` header names included.
 fn remove_hop_by_hop(headers: &mut HeaderMap, keep: Keep) {
+    // Most requests and responses carry none: one pass over the names present instead
+    // of a lookup (and a hash) per hop-by-hop header. Without `Connection` no other
+    // header is named hop-by-hop.
+    if !headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(name) || name == header::UPGRADE || name == header::TE)
+    {
+        return;
+    }
     let named: Vec<HeaderName> = connection_tokens(headers)
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();

@@ -959,7 +959,16 @@ impl Body for ResponseBody {
 #[derive(Clone)]
 pub(crate) struct TunnelExecutor {
     closer: CancellationToken,
-    tasks: Arc<watch::Sender<usize>>,
+    tasks: Arc<TaskCount>,
+}
+
+/// How many tasks of a [`TunnelExecutor`] run, and a wake-up when none is left. An
+/// atomic count rather than a `watch` channel: tasks start and end with every stream,
+/// and only the fall to zero interests anyone, so the count alone is paid per task.
+#[derive(Default)]
+struct TaskCount {
+    running: AtomicUsize,
+    none_left: tokio::sync::Notify,
 }
 
 impl TunnelExecutor {
@@ -967,15 +976,21 @@ impl TunnelExecutor {
     pub(crate) fn new(closer: CancellationToken) -> Self {
         Self {
             closer,
-            tasks: Arc::new(watch::Sender::new(0)),
+            tasks: Arc::new(TaskCount::default()),
         }
     }
 
     /// Waits until none of the tasks spawned here is running.
     pub(crate) async fn idle(&self) {
-        let mut tasks = self.tasks.subscribe();
-        // The sender lives in `self`, so the channel cannot close while we wait.
-        let _ = tasks.wait_for(|running| *running == 0).await;
+        loop {
+            // Registered before the look, so that a fall to zero in between wakes us.
+            let mut none_left = pin!(self.tasks.none_left.notified());
+            none_left.as_mut().enable();
+            if self.tasks.running.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            none_left.await;
+        }
     }
 }
 
@@ -985,10 +1000,10 @@ where
 {
     fn execute(&self, future: F) {
         let closer = self.closer.clone();
-        let tasks = self.tasks.clone();
-        tasks.send_modify(|running| *running += 1);
+        self.tasks.running.fetch_add(1, Ordering::AcqRel);
+        let running = RunningTask(Arc::clone(&self.tasks));
         let task = async move {
-            let _running = RunningTask(tasks);
+            let _running = running;
             tokio::select! {
                 () = future => {}
                 () = closer.cancelled() => {}
@@ -999,11 +1014,12 @@ where
 }
 
 /// Counts one task of a [`TunnelExecutor`] as running until dropped.
-struct RunningTask(Arc<watch::Sender<usize>>);
+struct RunningTask(Arc<TaskCount>);
 
 impl Drop for RunningTask {
     fn drop(&mut self) {
-        self.0
-            .send_modify(|running| *running = running.saturating_sub(1));
+        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.none_left.notify_waiters();
+        }
     }
 }
