@@ -18,8 +18,12 @@ use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 /// How long the second direction of a [`splice`] may run once the first has ended.
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(10);
 
-/// Bytes read at once in each direction.
+/// Bytes read at once in each direction, at most: what a bulk transfer reads with.
 const BUFFER: usize = 64 * 1024;
+/// Bytes read at once in each direction at first: an idle or chatty WebSocket (most are)
+/// holds two of these per side, not two of [`BUFFER`]. A direction whose read fills its
+/// buffer doubles it, up to [`BUFFER`]: a bulk transfer reaches full reads within a few.
+const FIRST_BUFFER: usize = 2 * 1024;
 
 /// How a [`splice`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +127,7 @@ where
     W: AsyncWrite + Unpin,
 {
     let failed = |source| SpliceError::Io { direction, source };
-    let mut buffer = vec![0u8; BUFFER];
+    let mut buffer = vec![0u8; FIRST_BUFFER];
     loop {
         let read = match reader.read(&mut buffer).await {
             Ok(read) => read,
@@ -138,6 +142,9 @@ where
         writer.write_all(chunk).await.map_err(failed)?;
         writer.flush().await.map_err(failed)?;
         copied.fetch_add(read as u64, Ordering::Relaxed);
+        if read == buffer.len() && buffer.len() < BUFFER {
+            buffer.resize((buffer.len() * 2).min(BUFFER), 0);
+        }
     }
     writer.shutdown().await.map_err(failed)
 }
@@ -218,6 +225,42 @@ mod tests {
             "{:?}",
             spliced.error
         );
+        drop(a_peer);
+    }
+
+    /// A bulk transfer grows the first small buffer and arrives whole and in order.
+    #[tokio::test]
+    async fn a_bulk_transfer_past_the_first_buffer_arrives_whole() {
+        let (a, mut a_peer) = tokio::io::duplex(256 * 1024);
+        let (b, mut b_peer) = tokio::io::duplex(256 * 1024);
+        let spliced = tokio::spawn(splice(a, b, Splice::default()));
+        let sent: Vec<u8> = (0..(3 * BUFFER + 123)).map(|i| (i % 251) as u8).collect();
+        let writer = {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                a_peer
+                    .write_all(&sent)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                a_peer.shutdown().await.unwrap_or_else(|e| panic!("{e}"));
+                a_peer
+            })
+        };
+        let mut got = Vec::new();
+        b_peer
+            .read_to_end(&mut got)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "the bytes arrived changed or out of order");
+        b_peer.shutdown().await.unwrap_or_else(|e| panic!("{e}"));
+        let a_peer = writer.await.unwrap_or_else(|e| panic!("{e}"));
+        let spliced = tokio::time::timeout(Duration::from_secs(10), spliced)
+            .await
+            .unwrap_or_else(|_| panic!("the splice did not end"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(spliced.a_to_b, sent.len() as u64);
+        assert!(spliced.error.is_none(), "{:?}", spliced.error);
         drop(a_peer);
     }
 }
