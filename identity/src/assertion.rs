@@ -148,6 +148,68 @@ pub struct AssertionRequest<'a> {
     pub now: u64,
 }
 
+/// The longest an assertion is reused for further requests of its session, seconds.
+pub const MAX_REUSE_SECS: u64 = 60;
+
+/// How long an assertion of `lifetime_secs` is reused: a fifth of its lifetime, at most
+/// [`MAX_REUSE_SECS`] (0 for lifetimes under 5 s: every request then gets its own).
+pub fn reuse_window(lifetime_secs: u64) -> u64 {
+    (lifetime_secs / 5).min(MAX_REUSE_SECS)
+}
+
+/// Assertions kept for reuse by [`AssertionKeys::sign_reusing`], at most a fixed number
+/// (the least recently used go first).
+pub struct AssertionCache {
+    entries: quick_cache::sync::Cache<String, KeptAssertion>,
+}
+
+impl AssertionCache {
+    /// A cache of at most `capacity` assertions.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: quick_cache::sync::Cache::new(capacity.max(1)),
+        }
+    }
+
+    /// How many assertions are kept.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl fmt::Debug for AssertionCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AssertionCache")
+            .field("kept", &self.entries.len())
+            .finish()
+    }
+}
+
+/// A signed assertion and when it was signed and ends.
+#[derive(Clone)]
+struct KeptAssertion {
+    token: String,
+    iat: u64,
+    exp: u64,
+}
+
+/// Everything an assertion's content depends on but its times and `jti`: the whole
+/// session (so a session whose content changed never gets another's assertion), the
+/// signing key, the issuer, the app and the lifetime.
+#[derive(Serialize)]
+struct ReuseKey<'a> {
+    kid: &'a str,
+    iss: &'a str,
+    aud: &'a str,
+    lifetime: u64,
+    session: &'a Session,
+}
+
 /// The claims of a signed assertion (the JWT payload).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct AssertionClaims {
@@ -430,6 +492,57 @@ impl AssertionKeys {
         session: &Session,
         request: &AssertionRequest<'_>,
     ) -> Result<String, SignError> {
+        self.sign_claims(session, request).map(|(token, _)| token)
+    }
+
+    /// The assertion for `session` and `request`: one signed for the same session, app,
+    /// issuer, lifetime and key less than [`reuse_window`] seconds ago is taken from
+    /// `cache`, else a new one is signed and kept there. Signing (ES256) is the largest
+    /// cost of a signed-in user's request; a session's requests within the window carry
+    /// the same assertion (same `jti`, `iat` at most the window old, still at least four
+    /// fifths of its lifetime to run).
+    pub fn sign_reusing(
+        &self,
+        session: &Session,
+        request: &AssertionRequest<'_>,
+        cache: &AssertionCache,
+    ) -> Result<String, SignError> {
+        let window = reuse_window(request.lifetime_secs);
+        if window == 0 {
+            return self.sign(session, request);
+        }
+        let key = serde_json::to_string(&ReuseKey {
+            kid: self.kid(),
+            iss: request.issuer,
+            aud: request.audience,
+            lifetime: request.lifetime_secs,
+            session,
+        })?;
+        if let Some(kept) = cache.entries.get(&key)
+            && request.now >= kept.iat
+            && request.now < kept.iat.saturating_add(window)
+            && request.now < kept.exp
+        {
+            return Ok(kept.token);
+        }
+        let (token, claims) = self.sign_claims(session, request)?;
+        cache.entries.insert(
+            key,
+            KeptAssertion {
+                token: token.clone(),
+                iat: claims.iat,
+                exp: claims.exp,
+            },
+        );
+        Ok(token)
+    }
+
+    /// Signs, returning the token and its claims.
+    fn sign_claims(
+        &self,
+        session: &Session,
+        request: &AssertionRequest<'_>,
+    ) -> Result<(String, AssertionClaims), SignError> {
         let now = request.now;
         let exp = now
             .saturating_add(request.lifetime_secs)
@@ -470,7 +583,7 @@ impl AssertionKeys {
             .map_err(|_| RandomUnavailable)?;
         token.push('.');
         token.push_str(&URL_SAFE_NO_PAD.encode(signature.as_ref()));
-        Ok(token)
+        Ok((token, claims))
     }
 }
 
@@ -793,5 +906,75 @@ NzfsjhjSyyf8KnShoF54+11YrbEwkcUnKPxqAswrxfrkyPvWcReKVynK5w==
         // Debug never shows private material.
         let k = keys();
         assert!(!format!("{k:?}").contains("PRIVATE"));
+    }
+
+    /// The claims of `token`, unverified (for tokens signed for other audiences).
+    fn payload(token: &str) -> AssertionClaims {
+        let part = token.split('.').nth(1).unwrap_or_default();
+        let bytes = URL_SAFE_NO_PAD
+            .decode(part)
+            .unwrap_or_else(|e| panic!("payload: {e}"));
+        serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("payload: {e}"))
+    }
+
+    #[test]
+    fn a_sessions_requests_within_the_window_reuse_one_assertion_and_no_other_session_gets_it() {
+        let keys = keys();
+        let cache = AssertionCache::new(100);
+        let now = crate::unix_now();
+        let session = live_session(now);
+        let first = keys
+            .sign_reusing(&session, &request(now), &cache)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(reuse_window(300), 60);
+        // Within the window: the same token, still valid for the backend.
+        let again = keys
+            .sign_reusing(&session, &request(now + 59), &cache)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(again, first);
+        assert!(verify(keys.jwks(), &again).is_ok());
+        // Past it: a new one, signed then.
+        let later = keys
+            .sign_reusing(&session, &request(now + 60), &cache)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(later, first);
+        assert_eq!(payload(&later).iat, now + 60);
+        // Another session (here: the same id with one more group) never gets it.
+        let mut other = session.clone();
+        other.groups.push("admins".to_owned());
+        let theirs = keys
+            .sign_reusing(&other, &request(now + 61), &cache)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(theirs, later);
+        assert!(payload(&theirs).groups.contains(&"admins".to_owned()));
+        // Another app never gets it either.
+        let blog = AssertionRequest {
+            audience: "https://blog.apps.example.com/",
+            ..request(now + 61)
+        };
+        let for_blog = keys
+            .sign_reusing(&session, &blog, &cache)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(payload(&for_blog).aud, "https://blog.apps.example.com/");
+        // Nor a request after a key rotation.
+        let rotated =
+            AssertionKeys::from_pem(&keys.rotated_pem().unwrap_or_else(|e| panic!("{e}")))
+                .unwrap_or_else(|e| panic!("{e}"));
+        let new_key = rotated
+            .sign_reusing(&session, &request(now + 61), &cache)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(new_key, later);
+        // A lifetime under 5 s: every request its own assertion.
+        let short = AssertionRequest {
+            lifetime_secs: 4,
+            ..request(now)
+        };
+        let one = keys
+            .sign_reusing(&session, &short, &cache)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let two = keys
+            .sign_reusing(&session, &short, &cache)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(payload(&one).jti, payload(&two).jti);
     }
 }

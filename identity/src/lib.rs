@@ -21,7 +21,7 @@ pub mod session_keys;
 pub mod transaction;
 
 pub use assertion::{
-    AssertionClaims, AssertionKeys, AssertionKeysError, AssertionRequest, SignError,
+    AssertionCache, AssertionClaims, AssertionKeys, AssertionKeysError, AssertionRequest, SignError,
 };
 pub use cookie::{CookieSettings, SameSite, cookie_values, strip_own_cookies};
 pub use session::{DEFAULT_COOKIE_BUDGET, Session, SessionTooLarge};

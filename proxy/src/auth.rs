@@ -35,8 +35,9 @@ use sallyport_api::conditional_access_policy::PersistentBrowserSession;
 use sallyport_api::fleet_config::{OidcClient, Route, SecretKeyRef};
 use sallyport_api::published_app::SameSite as ApiSameSite;
 use sallyport_identity::{
-    AssertionKeys, AssertionRequest, Binding, CookieSettings, DEFAULT_COOKIE_BUDGET, SameSite,
-    Session, SessionKeys, Transaction, cookie, random_id, safe_return_path, unix_now,
+    AssertionCache, AssertionKeys, AssertionRequest, Binding, CookieSettings,
+    DEFAULT_COOKIE_BUDGET, SameSite, Session, SessionKeys, Transaction, cookie, random_id,
+    safe_return_path, unix_now,
 };
 use sallyport_oidc::{
     AuthenticationRequirements, ClientSettings, OidcError, Providers, SignInSecrets, SignedIn,
@@ -56,6 +57,9 @@ use crate::router::{AppRoute, Router};
 
 /// The path prefix Sallyport answers itself on every app host.
 pub const RESERVED_PREFIX: &str = "/.sallyport/";
+/// How many signed assertions a proxy keeps for reuse (each a few hundred bytes to a few
+/// KiB, with its key): one per active session and app, the least recently used go first.
+const ASSERTIONS_KEPT: usize = 50_000;
 /// Starts a sign-in; `?return=<same-origin path>`.
 pub const SIGN_IN_PATH: &str = "/.sallyport/sign-in";
 /// The redirect URI registered at the provider, on every app host.
@@ -109,6 +113,9 @@ pub struct Authenticator {
     secrets: SecretSource,
     session_keys: ArcSwapOption<SessionKeys>,
     assertion_keys: ArcSwapOption<AssertionKeys>,
+    /// Signed assertions reused for a session's further requests (a fifth of their
+    /// lifetime, at most a minute): signing is the largest cost of a signed-in request.
+    assertions: AssertionCache,
     client_secrets: Mutex<HashMap<SecretKeyRef, (String, Instant)>>,
     interstitial_csp: HeaderValue,
     access: Arc<AccessControl>,
@@ -227,6 +234,7 @@ impl Authenticator {
             secrets,
             session_keys: ArcSwapOption::empty(),
             assertion_keys: ArcSwapOption::empty(),
+            assertions: AssertionCache::new(ASSERTIONS_KEPT),
             client_secrets: Mutex::new(HashMap::new()),
             interstitial_csp: HeaderValue::try_from(csp)
                 .unwrap_or(HeaderValue::from_static("default-src 'none'")),
@@ -420,7 +428,7 @@ impl Authenticator {
                 .unwrap_or(300),
             now: unix_now(),
         };
-        match keys.sign(session, &request) {
+        match keys.sign_reusing(session, &request, &self.assertions) {
             Ok(token) => {
                 if let Ok(value) = HeaderValue::try_from(token) {
                     headers.insert(name, value);
