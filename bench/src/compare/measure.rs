@@ -107,6 +107,9 @@ pub struct Latency {
     pub p99_ms: Option<f64>,
     /// 99.9th percentile.
     pub p999_ms: Option<f64>,
+    /// When set, the percentiles cover only the requests that started this many seconds
+    /// or more into the measurement (S2, S3b: once oha's connections are up).
+    pub after_s: Option<f64>,
 }
 
 /// CPU seconds used during one measurement.
@@ -189,6 +192,11 @@ impl Clocks {
     }
 }
 
+/// At fixed rates (S2, S3b), latency counts the requests that started this long into a
+/// measurement: before, oha is still opening its connections (TLS handshakes included)
+/// while the schedule runs, and every request that waited for one would count as late.
+pub const STEADY_AFTER: Duration = Duration::from_secs(1);
+
 /// How request scenarios load a target.
 #[derive(Clone, Debug)]
 pub struct RequestLoad<'a> {
@@ -209,6 +217,12 @@ pub async fn requests(
     round: u32,
 ) -> Result<Sample, DataplaneError> {
     let mut extra = endpoint.oha_args.clone();
+    let steady_after = matches!(
+        measurement,
+        Measurement::S2 { .. } | Measurement::S3b { .. }
+    )
+    .then_some(STEADY_AFTER)
+    .filter(|after| *after < load.duration);
     match measurement {
         Measurement::S1b => extra.push("--disable-keepalive".to_owned()),
         Measurement::S2 { rate } | Measurement::S3b { rate } => {
@@ -223,6 +237,7 @@ pub async fn requests(
         connections: load.connections,
         duration: load.duration,
         extra,
+        steady_after,
     };
     let before = Clocks::read(endpoint, backend_pid)?;
     let result: OhaResult = oha.run().await?;
@@ -232,10 +247,19 @@ pub async fn requests(
         value: result.ok_per_second,
         ok: result.ok,
         failed: result.errors + result.other_status,
-        latency: Some(Latency {
-            p50_ms: result.p50_ms,
-            p99_ms: result.p99_ms,
-            p999_ms: result.p999_ms,
+        latency: Some(match result.steady {
+            Some(steady) => Latency {
+                p50_ms: steady.p50_ms,
+                p99_ms: steady.p99_ms,
+                p999_ms: steady.p999_ms,
+                after_s: Some(steady.after_s),
+            },
+            None => Latency {
+                p50_ms: result.p50_ms,
+                p99_ms: result.p99_ms,
+                p999_ms: result.p999_ms,
+                after_s: None,
+            },
         }),
         cpu,
         rss_growth: Vec::new(),

@@ -184,8 +184,13 @@ async fn measure_all(
     oha: Option<&Path>,
     dir: &Path,
 ) -> Result<CompareReport, DataplaneError> {
-    let mut targets = args.targets.clone();
-    targets.dedup();
+    // Each target once, in the order given.
+    let mut targets: Vec<TargetKind> = Vec::new();
+    for target in &args.targets {
+        if !targets.contains(target) {
+            targets.push(*target);
+        }
+    }
     let ours = targets.iter().any(|t| t.ours());
     let options = FleetOptions {
         backend_workers: args.backend_workers,

@@ -158,6 +158,10 @@ impl Summary {
                 p50_ms: pick(|l| l.p50_ms),
                 p99_ms: pick(|l| l.p99_ms),
                 p999_ms: pick(|l| l.p999_ms),
+                after_s: series
+                    .samples
+                    .iter()
+                    .find_map(|s| s.latency.as_ref().and_then(|l| l.after_s)),
             },
             failed: series.samples.iter().map(|s| s.failed).sum(),
             hop_cpu: median(
@@ -339,6 +343,17 @@ impl CompareReport {
                 measurement.label(),
                 measurement.unit()
             )?;
+            if let Some(after) = self
+                .summaries
+                .iter()
+                .filter(|s| s.measurement == measurement)
+                .find_map(|s| s.latency.after_s)
+            {
+                writeln!(
+                    out,
+                    "Latency: requests that started {after} s or more into each measurement (before, oha opens its connections).\n"
+                )?;
+            }
             writeln!(
                 out,
                 "| target | median | min-max | to direct | sallyport-auth to it | sallyport to it | p50 / p99 / p99.9 ms | failed | hop CPU {} |",
@@ -626,6 +641,7 @@ mod tests {
                 p50_ms: Some(p99 / 2.0),
                 p99_ms: Some(p99),
                 p999_ms: Some(p99 * 2.0),
+                after_s: None,
             }),
             cpu: Cpu::default(),
             rss_growth: Vec::new(),

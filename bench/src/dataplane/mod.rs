@@ -416,6 +416,7 @@ async fn small_gets(
         connections: args.connections,
         duration: Duration::from_secs(args.duration),
         extra: Vec::new(),
+        steady_after: None,
     };
     let port = fleet.proxy_address.port();
     let via_proxy = OhaLoad {

@@ -79,13 +79,32 @@ pub struct OhaLoad<'a> {
     pub duration: Duration,
     /// Further arguments (`--cacert`, `--connect-to`).
     pub extra: Vec<String>,
+    /// Also report latency over the requests that started this long after the run began
+    /// ([`OhaResult::steady`]): oha writes every answered request to a temporary SQLite
+    /// file (`--db-url`), read when it ends. At a fixed rate, the requests of the first
+    /// moments wait for oha's connections (and TLS handshakes) to open, and the
+    /// coordinated-omission correction rightly counts that wait; this leaves it out.
+    pub steady_after: Option<Duration>,
 }
 
 impl OhaLoad<'_> {
     /// Runs oha to the end and reads its report; it is killed if it runs more than 60 s
     /// past its duration.
     pub async fn run(&self) -> Result<OhaResult, DataplaneError> {
+        let records = match self.steady_after {
+            Some(_) => Some(
+                tempfile::Builder::new()
+                    .prefix("sallyport-bench-oha-")
+                    .tempdir()
+                    .map_err(DataplaneError::io("creating a directory for oha's records"))?,
+            ),
+            None => None,
+        };
+        let db = records.as_ref().map(|dir| dir.path().join("requests.db"));
         let mut command = tokio::process::Command::new(self.oha);
+        if let Some(db) = &db {
+            command.arg("--db-url").arg(db);
+        }
         command
             .args(["--no-tui", "--output-format", "json"])
             .args(["-c", &self.connections.to_string()])
@@ -115,8 +134,65 @@ impl OhaLoad<'_> {
                 String::from_utf8_lossy(&output.stderr).trim()
             )));
         }
-        parse_report(&String::from_utf8_lossy(&output.stdout))
+        let mut result = parse_report(&String::from_utf8_lossy(&output.stdout))?;
+        if let (Some(db), Some(after)) = (&db, self.steady_after) {
+            result.steady = Some(steady_latency(db, after)?);
+        }
+        Ok(result)
     }
+}
+
+/// Latency over the requests that started at or after an offset into the run.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct SteadyLatency {
+    /// The offset, seconds: requests that started earlier are left out.
+    pub after_s: f64,
+    /// Answered requests counted.
+    pub requests: u64,
+    /// Median, milliseconds.
+    pub p50_ms: Option<f64>,
+    /// 99th percentile, milliseconds.
+    pub p99_ms: Option<f64>,
+    /// 99.9th percentile, milliseconds.
+    pub p999_ms: Option<f64>,
+}
+
+/// Reads oha's per-request records (`--db-url`; table `oha`: `start`, `end`,
+/// `start_latency_correction` in seconds from the run's start, `status`) and returns the
+/// latency of the 200 answers to requests that started at or after `after`, measured from
+/// when each was due (`start_latency_correction`, with `--latency-correction`) or sent.
+pub fn steady_latency(db: &Path, after: Duration) -> Result<SteadyLatency, DataplaneError> {
+    let failed = |error: rusqlite::Error| {
+        DataplaneError::Oha(format!("reading its records in {}: {error}", db.display()))
+    };
+    let connection =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(failed)?;
+    let mut statement = connection
+        .prepare(
+            "SELECT end - COALESCE(start_latency_correction, start) FROM oha \
+             WHERE status = 200 AND start >= ?1",
+        )
+        .map_err(failed)?;
+    let mut latencies: Vec<f64> = statement
+        .query_map([after.as_secs_f64()], |row| row.get::<_, f64>(0))
+        .map_err(failed)?
+        .collect::<Result<_, _>>()
+        .map_err(failed)?;
+    latencies.sort_by(f64::total_cmp);
+    let quantile = |q: f64| {
+        let rank = (q * latencies.len() as f64).ceil() as usize;
+        latencies
+            .get(rank.saturating_sub(1))
+            .map(|seconds| seconds * 1000.0)
+    };
+    Ok(SteadyLatency {
+        after_s: after.as_secs_f64(),
+        requests: latencies.len() as u64,
+        p50_ms: quantile(0.5),
+        p99_ms: quantile(0.99),
+        p999_ms: quantile(0.999),
+    })
 }
 
 /// What the benchmark takes from one oha report.
@@ -141,6 +217,8 @@ pub struct OhaResult {
     pub p999_ms: Option<f64>,
     /// Error messages and their counts, as oha reports them (deadline aborts left out).
     pub error_kinds: BTreeMap<String, u64>,
+    /// Latency after the start of the run, when [`OhaLoad::steady_after`] asked for it.
+    pub steady: Option<SteadyLatency>,
 }
 
 #[derive(Deserialize)]
@@ -200,6 +278,7 @@ pub fn parse_report(json: &str) -> Result<OhaResult, DataplaneError> {
         p99_ms: millis("p99"),
         p999_ms: millis("p99.9"),
         error_kinds,
+        steady: None,
     })
 }
 
@@ -256,6 +335,53 @@ mod tests {
         assert_eq!(result.ok_per_second, 0.0);
         assert!(parse_report("not json").is_err());
         assert!(parse_report(r#"{"summary": {"total": 0.0}}"#).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn steady_latency_leaves_out_the_first_requests_and_other_statuses()
+    -> Result<(), DataplaneError> {
+        let dir = tempfile::tempdir().map_err(DataplaneError::io("tempdir"))?;
+        let db = dir.path().join("requests.db");
+        let connection =
+            rusqlite::Connection::open(&db).map_err(|e| DataplaneError::Oha(e.to_string()))?;
+        // oha's table, as oha 1.16 creates it.
+        connection
+            .execute_batch(
+                "CREATE TABLE oha (url TEXT NOT NULL, start REAL NOT NULL,
+                 start_latency_correction REAL, end REAL NOT NULL, duration REAL NOT NULL,
+                 status INTEGER NOT NULL, len_bytes INTEGER NOT NULL, run INTEGER NOT NULL);",
+            )
+            .map_err(|e| DataplaneError::Oha(e.to_string()))?;
+        let insert = |start: f64, due: f64, latency: f64, status: u16| {
+            connection
+                .execute(
+                    "INSERT INTO oha VALUES ('u', ?1, ?2, ?3, ?4, ?5, 2, 0)",
+                    rusqlite::params![start, due, due + latency, due + latency - start, status],
+                )
+                .map(|_| ())
+                .map_err(|e| DataplaneError::Oha(e.to_string()))
+        };
+        // The first second: slow (connections opening), left out.
+        for i in 0..100 {
+            insert(0.01 * f64::from(i), 0.01 * f64::from(i), 0.150, 200)?;
+        }
+        // After it: 1,000 answers, 1 ms each but the last ten 5 ms; and errors left out.
+        for i in 0..1000 {
+            let start = 1.0 + 0.001 * f64::from(i);
+            let latency = if i >= 990 { 0.005 } else { 0.001 };
+            insert(start, start - 0.0005, latency, 200)?;
+        }
+        insert(2.5, 2.5, 9.0, 503)?;
+        let steady = steady_latency(&db, Duration::from_secs(1))?;
+        assert_eq!(steady.requests, 1000);
+        let ms = |v: Option<f64>| v.map(|v| (v * 10.0).round() / 10.0);
+        assert_eq!(ms(steady.p50_ms), Some(1.0));
+        assert_eq!(ms(steady.p99_ms), Some(1.0));
+        assert_eq!(ms(steady.p999_ms), Some(5.0));
+        let all = steady_latency(&db, Duration::ZERO)?;
+        assert_eq!(all.requests, 1100);
+        assert_eq!(ms(all.p99_ms), Some(150.0));
         Ok(())
     }
 }
