@@ -179,6 +179,43 @@ fn free_port() -> Result<u16, DataplaneError> {
     free_address().map(|address| address.port())
 }
 
+/// Waits until a `GET /` through `target` gets the backend's small answer, while `alive`
+/// says the processes behind it run; past `deadline`, a timeout naming `what` (and the
+/// wait, `within`) with the last answer or error.
+pub async fn wait_for_backend_answer(
+    target: &Target,
+    deadline: Instant,
+    within: Duration,
+    what: String,
+    mut alive: impl FnMut() -> Result<(), DataplaneError>,
+) -> Result<(), DataplaneError> {
+    loop {
+        alive()?;
+        let attempt = async {
+            let mut connection = target.connect().await?;
+            connection.get("/", Duration::from_secs(5)).await
+        };
+        let last = match attempt.await {
+            Ok(answer)
+                if answer.status == http::StatusCode::OK
+                    && answer.head.as_bytes() == SMALL_BODY =>
+            {
+                return Ok(());
+            }
+            Ok(answer) => format!("{}: {}", answer.status, answer.head.trim()),
+            Err(error) => error.to_string(),
+        };
+        if Instant::now() > deadline {
+            return Err(DataplaneError::Timeout {
+                what,
+                waited: within,
+                last: Some(last),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits until `address` accepts TCP connections, while `process` runs.
 pub async fn wait_for_port(
     address: SocketAddr,
@@ -440,34 +477,12 @@ impl Fleet {
         let mut targets = vec![self.via_proxy.clone()];
         targets.extend(self.authenticated.as_ref().map(|app| app.via_proxy.clone()));
         for target in targets {
-            loop {
-                self.check_running()?;
-                let attempt = async {
-                    let mut connection = target.connect().await?;
-                    connection.get("/", Duration::from_secs(5)).await
-                };
-                let last = match attempt.await {
-                    Ok(answer)
-                        if answer.status == http::StatusCode::OK
-                            && answer.head.as_bytes() == SMALL_BODY =>
-                    {
-                        break;
-                    }
-                    Ok(answer) => format!("{}: {}", answer.status, answer.head.trim()),
-                    Err(error) => error.to_string(),
-                };
-                if Instant::now() > deadline {
-                    return Err(DataplaneError::Timeout {
-                        what: format!(
-                            "the first answer from the backend through the proxy and connector ({})",
-                            target.host_header()
-                        ),
-                        waited: within,
-                        last: Some(last),
-                    });
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            let what = format!(
+                "the first answer from the backend through the proxy and connector ({})",
+                target.host_header()
+            );
+            wait_for_backend_answer(&target, deadline, within, what, || self.check_running())
+                .await?;
         }
         Ok(())
     }

@@ -26,9 +26,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::dataplane::DataplaneError;
-use crate::dataplane::backend::SMALL_BODY;
 use crate::dataplane::client::Target;
-use crate::dataplane::fleet::{free_address, wait_for_port};
+use crate::dataplane::fleet::{free_address, wait_for_backend_answer, wait_for_port};
 use crate::dataplane::process::ChildProcess;
 
 /// The host name of the peers' certificates: nginx's user side (SNI and `Host` of
@@ -349,36 +348,15 @@ impl RunningPeer {
     /// Waits until a `GET /` through the peer gets the backend's answer.
     async fn wait_until_served(&mut self, within: Duration) -> Result<(), DataplaneError> {
         let target = self.target()?;
-        let deadline = Instant::now() + within;
-        loop {
-            self.check_running()?;
-            let attempt = async {
-                let mut connection = target.connect().await?;
-                connection.get("/", Duration::from_secs(5)).await
-            };
-            let last = match attempt.await {
-                Ok(answer)
-                    if answer.status == http::StatusCode::OK
-                        && answer.head.as_bytes() == SMALL_BODY =>
-                {
-                    return Ok(());
-                }
-                Ok(answer) => format!("{}: {}", answer.status, answer.head.trim()),
-                Err(error) => error.to_string(),
-            };
-            if Instant::now() > deadline {
-                return Err(DataplaneError::Timeout {
-                    what: format!(
-                        "the first answer from the backend through {} (logs in {})",
-                        self.kind.label(),
-                        self.dir.display()
-                    ),
-                    waited: within,
-                    last: Some(last),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let what = format!(
+            "the first answer from the backend through {} (logs in {})",
+            self.kind.label(),
+            self.dir.display()
+        );
+        wait_for_backend_answer(&target, Instant::now() + within, within, what, || {
+            self.check_running()
+        })
+        .await
     }
 }
 
