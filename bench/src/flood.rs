@@ -266,10 +266,7 @@ pub fn user_address(index: u32) -> IpAddr {
 pub fn run(args: &FloodArgs) -> Result<FloodReport, DataplaneError> {
     let binaries = args.binaries.locate()?;
     // The children are started from this thread, which outlives them.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(DataplaneError::io("starting the async runtime"))?;
+    let runtime = crate::dataplane::single_thread_runtime()?;
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let mut phases = Vec::new();
     let protected: &[&str] = &[];

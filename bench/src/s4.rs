@@ -390,10 +390,7 @@ pub fn run(args: &S4Args) -> Result<S4Report, DataplaneError> {
         );
     }
     let tunnels = args.tunnels.unwrap_or_else(|| tunnels_for(streams));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(DataplaneError::io("starting the async runtime"))?;
+    let runtime = crate::dataplane::single_thread_runtime()?;
     let dir = tempfile::Builder::new()
         .prefix("sallyport-bench-s4-")
         .tempdir()

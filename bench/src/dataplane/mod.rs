@@ -218,6 +218,15 @@ async fn measure(
     ))
 }
 
+/// A single-threaded async runtime, as every scenario runs on: the child processes are
+/// started from this thread, which outlives them (they get SIGKILL when it ends).
+pub fn single_thread_runtime() -> Result<tokio::runtime::Runtime, DataplaneError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(DataplaneError::io("starting the async runtime"))
+}
+
 /// Runs `measure` in the run's directory on a single-threaded runtime: `keep` (created),
 /// else a new temporary directory `sallyport-bench-<label>-...`, removed afterwards unless
 /// the run fails (then its path, with every process's log, is printed).
@@ -246,10 +255,7 @@ where
             (temp.path().to_owned(), Some(temp))
         }
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(DataplaneError::io("starting the async runtime"))?;
+    let runtime = single_thread_runtime()?;
     let result = runtime.block_on(measure(dir));
     if result.is_err()
         && let Some(temp) = temp

@@ -132,10 +132,7 @@ const SETTLE_WITHIN: Duration = Duration::from_secs(30);
 pub fn run(args: &S5Args) -> Result<S5Report, DataplaneError> {
     let binaries = args.binaries.locate()?;
     // The children are started from this thread, which outlives them.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(DataplaneError::io("starting the async runtime"))?;
+    let runtime = crate::dataplane::single_thread_runtime()?;
     let dir = tempfile::Builder::new()
         .prefix("sallyport-bench-s5-")
         .tempdir()
