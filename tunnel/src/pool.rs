@@ -6,10 +6,14 @@
 //! connector who this replica is ([`FleetNotice`]), and from then on routes requests of
 //! the connector's group onto it with [`TunnelPool::send`].
 //!
-//! - **Balancing.** A request goes to the live tunnel of its group with the fewest
-//!   outstanding streams (ties rotate). A stream stays outstanding until its response
-//!   body has ended or been dropped, so a long download weighs on its tunnel for as long
-//!   as it runs.
+//! - **Balancing.** A request goes to the live tunnel of its group with the least load
+//!   (ties rotate): its outstanding streams, where a bulk transfer weighs
+//!   [`BULK_STREAM_WEIGHT`] streams. A stream stays outstanding until its response body
+//!   has ended or been dropped. It becomes a bulk transfer once its response body has
+//!   carried [`BULK_STREAM_BYTES`], or from the start when its request declares a body
+//!   that long. A tunnel is one TCP connection, so a small answer queued behind megabytes
+//!   of a download waits for them; steering new requests to the group's other tunnels
+//!   keeps small requests fast while a transfer runs.
 //! - **Isolation.** Tunnels are keyed by the group id of the verified identity and
 //!   nothing else: a connector of group A never sees a request for group B.
 //! - **Brief hold.** With no tunnel of the group up, a request waits up to
@@ -54,6 +58,15 @@ const NOTICE_URI: &str = "https://fleet.sallyport.invalid/.sallyport/v1/fleet-no
 
 /// The largest [`NoticeReply`] the pool reads.
 const NOTICE_REPLY_LIMIT: usize = 64 * 1024;
+
+/// A stream whose response body has carried this many bytes (or whose request declares a
+/// body this long) is a bulk transfer for [`TunnelPool::send`]'s balancing.
+pub const BULK_STREAM_BYTES: u64 = 512 * 1024;
+
+/// How many ordinary outstanding streams one bulk transfer weighs when a tunnel is
+/// picked: a tunnel carrying a download gets new requests only when the group's other
+/// tunnels are much busier.
+pub const BULK_STREAM_WEIGHT: usize = 256;
 
 /// How the pool waits for tunnels and speaks HTTP/2 on them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,6 +172,8 @@ pub struct TunnelInfo {
     pub since: SystemTime,
     /// Streams sent and not yet finished (response body not ended nor dropped).
     pub outstanding: usize,
+    /// Of those, the bulk transfers ([`BULK_STREAM_BYTES`]).
+    pub bulk: usize,
     /// The connector's software version, from its last [`NoticeReply`].
     pub connector_version: String,
     /// The configuration version the connector serves, from its last [`NoticeReply`].
@@ -212,9 +227,26 @@ struct Route {
     identity: Arc<ConnectorIdentity>,
     replica: String,
     since: SystemTime,
-    outstanding: Arc<AtomicUsize>,
+    load: Arc<TunnelLoad>,
     sender: SendRequest<TunnelBody>,
     reply: NoticeReply,
+}
+
+/// What a tunnel carries now, for balancing.
+#[derive(Default)]
+struct TunnelLoad {
+    /// Streams sent and not yet finished.
+    outstanding: AtomicUsize,
+    /// Of those, bulk transfers.
+    bulk: AtomicUsize,
+}
+
+impl TunnelLoad {
+    /// The weight balancing compares.
+    fn weight(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+            + self.bulk.load(Ordering::Relaxed) * BULK_STREAM_WEIGHT
+    }
 }
 
 /// What sending one request needs of the route [`PoolInner::pick`] chose.
@@ -231,7 +263,8 @@ impl Route {
             identity: ConnectorIdentity::clone(&self.identity),
             replica: self.replica.clone(),
             since: self.since,
-            outstanding: self.outstanding.load(Ordering::Relaxed),
+            outstanding: self.load.outstanding.load(Ordering::Relaxed),
+            bulk: self.load.bulk.load(Ordering::Relaxed),
             connector_version: self.reply.version.clone(),
             config_version: self.reply.config_version.clone(),
         }
@@ -421,9 +454,14 @@ impl TunnelPool {
         // A request without a body can be sent again when the connector refused its
         // stream unprocessed (it was opened as the connector's GOAWAY crossed it).
         let replay = request.body().is_end_stream().then(|| request.clone_head());
+        let bulk_upload = request
+            .body()
+            .size_hint()
+            .exact()
+            .is_some_and(|length| length >= BULK_STREAM_BYTES);
         let mut request = request;
         loop {
-            let Some((route, stream)) = self.inner.pick(group_id)? else {
+            let Some((route, stream)) = self.inner.pick(group_id, bulk_upload)? else {
                 if tokio::time::timeout_at(deadline, changes.changed())
                     .await
                     .is_err()
@@ -696,7 +734,7 @@ impl PoolInner {
                     identity: Arc::new(attachment.identity.clone()),
                     replica: replica.to_owned(),
                     since: SystemTime::now(),
-                    outstanding: Arc::new(AtomicUsize::new(0)),
+                    load: Arc::default(),
                     sender,
                     reply,
                 });
@@ -725,9 +763,14 @@ impl PoolInner {
         }
     }
 
-    /// The open tunnel of `group_id` with the fewest outstanding streams, counted as one
-    /// more outstanding stream until the returned guard goes.
-    fn pick(&self, group_id: &str) -> Result<Option<(Picked, OutstandingStream)>, PoolError> {
+    /// The open tunnel of `group_id` with the least load ([`TunnelLoad::weight`]), counted
+    /// as one more outstanding stream (a bulk one when `bulk`) until the returned guard
+    /// goes.
+    fn pick(
+        &self,
+        group_id: &str,
+        bulk: bool,
+    ) -> Result<Option<(Picked, OutstandingStream)>, PoolError> {
         let state = self.state();
         if state.closed {
             return Err(PoolError::Closed);
@@ -742,7 +785,7 @@ impl PoolInner {
             if route.sender.is_closed() {
                 continue;
             }
-            let load = route.outstanding.load(Ordering::Relaxed);
+            let load = route.load.weight();
             if best.is_none_or(|(_, least)| load < least) {
                 best = Some((route, load));
             }
@@ -755,7 +798,7 @@ impl PoolInner {
                     identity: route.identity.clone(),
                     sender: route.sender.clone(),
                 },
-                OutstandingStream::new(route.outstanding.clone()),
+                OutstandingStream::new(route.load.clone(), bulk),
             )
         }))
     }
@@ -865,22 +908,41 @@ async fn deliver_notice(
         .map_err(|e| refused(format!("the answer is not a NoticeReply: {e}")))
 }
 
-/// One stream counted as outstanding on its tunnel until finished or dropped.
+/// One stream counted as outstanding on its tunnel until finished or dropped, and as a
+/// bulk transfer once it is one.
 struct OutstandingStream {
-    counter: Option<Arc<AtomicUsize>>,
+    load: Option<Arc<TunnelLoad>>,
+    bulk: bool,
 }
 
 impl OutstandingStream {
-    fn new(counter: Arc<AtomicUsize>) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
+    fn new(load: Arc<TunnelLoad>, bulk: bool) -> Self {
+        load.outstanding.fetch_add(1, Ordering::Relaxed);
+        if bulk {
+            load.bulk.fetch_add(1, Ordering::Relaxed);
+        }
         Self {
-            counter: Some(counter),
+            load: Some(load),
+            bulk,
+        }
+    }
+
+    /// Counts the stream as a bulk transfer from now on (once).
+    fn mark_bulk(&mut self) {
+        if let Some(load) = &self.load
+            && !self.bulk
+        {
+            load.bulk.fetch_add(1, Ordering::Relaxed);
+            self.bulk = true;
         }
     }
 
     fn finish(&mut self) {
-        if let Some(counter) = self.counter.take() {
-            counter.fetch_sub(1, Ordering::Relaxed);
+        if let Some(load) = self.load.take() {
+            load.outstanding.fetch_sub(1, Ordering::Relaxed);
+            if self.bulk {
+                load.bulk.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -892,19 +954,23 @@ impl Drop for OutstandingStream {
 }
 
 /// The body of a tunneled response: hyper's body, counting as an outstanding stream of
-/// its tunnel until it has ended, failed, or been dropped.
+/// its tunnel until it has ended, failed, or been dropped, and as a bulk transfer once it
+/// has carried [`BULK_STREAM_BYTES`].
 ///
 /// For a CONNECT (WebSocket) the stream counts until the body is dropped, even though it
 /// carries nothing: keep it next to the upgraded connection while that runs.
 pub struct ResponseBody {
     inner: Incoming,
     stream: OutstandingStream,
+    /// Data bytes received so far, counted until the stream becomes a bulk transfer.
+    received: u64,
 }
 
 impl std::fmt::Debug for ResponseBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseBody")
-            .field("finished", &self.stream.counter.is_none())
+            .field("finished", &self.stream.load.is_none())
+            .field("bulk", &self.stream.bulk)
             .finish()
     }
 }
@@ -914,7 +980,11 @@ impl ResponseBody {
     /// `hyper::upgrade::on` rather than the body: the stream stays counted for as long
     /// as the body is kept, so the caller keeps it while the upgraded stream runs.
     fn new(inner: Incoming, stream: OutstandingStream, upgrade: bool) -> Self {
-        let mut body = Self { inner, stream };
+        let mut body = Self {
+            inner,
+            stream,
+            received: 0,
+        };
         // A body that is over before it starts (HEAD, 204, 304) may never be polled.
         if !upgrade && body.inner.is_end_stream() {
             body.stream.finish();
@@ -938,6 +1008,15 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if !this.stream.bulk
+            && let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            this.received += data.len() as u64;
+            if this.received >= BULK_STREAM_BYTES {
+                this.stream.mark_bulk();
+            }
+        }
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) || this.inner.is_end_stream() {
             this.stream.finish();
         }

@@ -480,6 +480,7 @@ mod tests {
             replica: "proxy-a".to_owned(),
             since,
             outstanding: 0,
+            bulk: 0,
             connector_version: String::new(),
             config_version: String::new(),
         }

@@ -101,6 +101,90 @@ async fn least_outstanding_spreads_slow_requests() {
     assert_eq!(loads, vec![0, 0]);
 }
 
+/// `(outstanding, bulk)` of each tunnel, in the pool's order.
+fn loads(pool: &sallyport_tunnel::pool::TunnelPool) -> Vec<(usize, usize)> {
+    pool.snapshot()
+        .iter()
+        .map(|t| (t.outstanding, t.bulk))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_steers_new_requests_to_the_other_tunnel() {
+    let setup = OneReplica::start(Duration::from_secs(2)).await;
+    let pool = setup.replica.pool.clone();
+
+    // A download, read past the bulk threshold and then held open.
+    let response = within("the /stream head", pool.send(GROUP, get("/stream")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut download = response.into_body();
+    setup.app.open_gate();
+    let mut received = 0u64;
+    while received < sallyport_tunnel::pool::BULK_STREAM_BYTES {
+        let frame = within("a frame of /stream", download.frame())
+            .await
+            .unwrap_or_else(|| panic!("/stream ended after {received} bytes"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        received += frame.into_data().map_or(0, |data| data.len() as u64);
+    }
+    let mut seen = loads(&pool);
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        vec![(0, 0), (1, 1)],
+        "the download is a bulk transfer"
+    );
+
+    // Ten small requests, their answers held unread (so they stay outstanding), all go
+    // to the tunnel without the download; without the bulk weight they would split 5/5.
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        let response = within("a /hello head", pool.send(GROUP, get("/hello")))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        held.push(response);
+    }
+    let mut seen = loads(&pool);
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        vec![(1, 1), (10, 0)],
+        "small requests avoid the download"
+    );
+
+    for response in held {
+        assert_eq!(read_body(response).await, Bytes::from("hello from vm-1"));
+    }
+    let rest = within("the rest of /stream", download.collect())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .to_bytes();
+    assert_eq!(
+        received + rest.len() as u64,
+        (STREAM_CHUNKS * 64 * 1024 + b"first;".len()) as u64
+    );
+    assert_eq!(
+        loads(&pool),
+        vec![(0, 0), (0, 0)],
+        "finished bodies still count"
+    );
+
+    // An upload that declares a bulk length counts as one from the start.
+    let upload = sallyport_tunnel::body::full(vec![7u8; 600 * 1024]);
+    let response = within(
+        "the /echo head",
+        pool.send(GROUP, request(Method::POST, "/echo", upload)),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut seen = loads(&pool);
+    seen.sort_unstable();
+    assert_eq!(seen, vec![(0, 0), (1, 1)], "a declared bulk upload");
+    assert_eq!(read_body(response).await.len(), 600 * 1024);
+    assert_eq!(loads(&pool), vec![(0, 0), (0, 0)]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_without_tunnels_fails_within_the_wait() {
     let setup = OneReplica::start(Duration::from_millis(300)).await;
