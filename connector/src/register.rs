@@ -633,6 +633,11 @@ async fn exchange<T: Serialize>(
     let tcp = TcpStream::connect(&endpoint.address)
         .await
         .map_err(connect)?;
+    // Small requests answered at once: Nagle's algorithm would hold a request's last
+    // segment until the fleet's delayed ACK (up to 40 ms on Linux).
+    if let Err(error) = tcp.set_nodelay(true) {
+        debug!(%error, "cannot disable Nagle's algorithm on the fleet API connection");
+    }
     let stream = TlsConnector::from(config)
         .connect(server_name, tcp)
         .await
