@@ -7,6 +7,7 @@
 //! | `sallyport_connector_dial_failures` | gauge | |
 //! | `sallyport_connector_requests_total` | counter | `app`, `code`, `class` |
 //! | `sallyport_connector_backend_duration_seconds` | histogram | `app` |
+//! | `sallyport_connector_config_bridged_total` | counter | `how` |
 //! | `sallyport_connector_certificate_expiry_timestamp_seconds` | gauge | |
 //! | `sallyport_connector_certificate_renewal_timestamp_seconds` | gauge | |
 //! | `sallyport_connector_version_info` | gauge (1) | `version`, `desired_version` |
@@ -16,8 +17,11 @@
 //! and from the moment it starts draining — what a rollout waits for before it stops the
 //! next old connector.
 //! `app` is the PublishedApp's id (`namespace/name`) when the group's slice serves it,
-//! else [`UNKNOWN_APP`]. The backend duration runs until the backend's response headers
-//! (or the connector's own refusal).
+//! else [`UNKNOWN_APP`] (a request served by the previous slice, or after waiting for the
+//! announced one, counts under the app that served it). `how` is `previous_slice` or
+//! `catch_up` ([`crate::backend::Bridge`]): requests the current slice refused during a
+//! configuration change and served anyway. The backend duration runs until the
+//! backend's response headers (or the connector's own refusal).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -39,7 +43,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::backend::Backends;
+use crate::backend::{Backends, Bridged};
 use crate::slice::AppBackend;
 
 /// The `app` label of tunneled requests for an app the slice does not serve.
@@ -78,6 +82,7 @@ pub struct ConnectorMetrics {
     dial_failures: IntGauge,
     requests: IntCounterVec,
     duration: HistogramVec,
+    bridged: IntCounterVec,
     certificate_expiry: IntGauge,
     certificate_renewal: IntGauge,
     version_info: IntGaugeVec,
@@ -155,6 +160,19 @@ impl ConnectorMetrics {
                 )
             },
         )?;
+        let bridged = register(
+            &registry,
+            "sallyport_connector_config_bridged_total",
+            |name| {
+                IntCounterVec::new(
+                    Opts::new(
+                        name,
+                        "Requests the current configuration slice refused during a configuration change and served anyway: by the previous slice within its grace, or by the announced slice after waiting for it.",
+                    ),
+                    &["how"],
+                )
+            },
+        )?;
         let certificate_expiry = register(
             &registry,
             "sallyport_connector_certificate_expiry_timestamp_seconds",
@@ -193,6 +211,7 @@ impl ConnectorMetrics {
             dial_failures,
             requests,
             duration,
+            bridged,
             certificate_expiry,
             certificate_renewal,
             version_info,
@@ -281,8 +300,16 @@ impl ConnectorMetrics {
             Box::pin(async move {
                 let started = Instant::now();
                 let response = backends.handle_app(request, app.clone()).await;
-                let label = app.as_deref().map_or(UNKNOWN_APP, AppBackend::app);
+                let bridged = response.extensions().get::<Bridged>();
+                let served = bridged.map(|b| &b.app).or(app.as_ref());
+                let label = served.map_or(UNKNOWN_APP, |app| AppBackend::app(app));
                 metrics.request_carried(label, response.status(), started.elapsed());
+                if let Some(bridged) = bridged {
+                    metrics
+                        .bridged
+                        .with_label_values(&[bridged.by.label()])
+                        .inc();
+                }
                 response
             })
         })
@@ -297,6 +324,7 @@ impl ConnectorMetrics {
                 &self.dial_failures,
                 &self.requests,
                 &self.duration,
+                &self.bridged,
                 &self.certificate_expiry,
                 &self.certificate_renewal,
                 &self.version_info,

@@ -426,6 +426,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         version_rx,
     );
     let notices = dialer.notices();
+    // Requests the current slice refuses wait for an announced newer one (bounded).
+    slice.follow_notices(dialer.notices());
     let tunnels = dialer.status_updates();
     tokio::spawn(metrics::follow_tunnels(
         metrics.clone(),
@@ -540,8 +542,10 @@ async fn pull_until_done(
 
 /// Pulls the configuration when the fleet announces a new version, every
 /// [`CONFIG_POLL`], and when every tunnel is down and dials fail (the pull, authenticated
-/// like a tunnel, gets the fleet's reason: a revoked connector learns it at once). Stops
-/// the connector (cancels `shutdown`) when the fleet refused it for good.
+/// like a tunnel, gets the fleet's reason: a revoked connector learns it at once). Tells
+/// `slice` when the pull for an announced version starts and ends (requests it refuses
+/// wait for the announced slice meanwhile). Stops the connector (cancels `shutdown`)
+/// when the fleet refused it for good.
 async fn follow_config(
     fleet: &Fleet<'_>,
     slice: CurrentSlice,
@@ -553,6 +557,9 @@ async fn follow_config(
     // Whether the fleet was asked since the tunnels were last cut off.
     let mut asked_why = false;
     loop {
+        // The announced version this pull is for: requests waiting for it stop waiting
+        // when the pull ends ([`CurrentSlice::announced_pull_ended`]).
+        let mut announced_version = None;
         tokio::select! {
             changed = notices.changed() => {
                 if changed.is_err() { return Ok(()) }
@@ -560,6 +567,8 @@ async fn follow_config(
                 if announced.is_none() || announced == slice.version() {
                     continue;
                 }
+                slice.announced_pull_started();
+                announced_version = announced;
             }
             changed = tunnels.changed() => {
                 if changed.is_err() { return Ok(()) }
@@ -577,7 +586,11 @@ async fn follow_config(
             () = tokio::time::sleep(CONFIG_POLL) => {}
             () = shutdown.cancelled() => return Ok(()),
         }
-        if let Err(error) = pull_until_done(fleet, &slice, &version, &shutdown).await {
+        let pulled = pull_until_done(fleet, &slice, &version, &shutdown).await;
+        if let Some(announced) = &announced_version {
+            slice.announced_pull_ended(announced);
+        }
+        if let Err(error) = pulled {
             shutdown.cancel();
             return Err(error);
         }

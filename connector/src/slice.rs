@@ -6,6 +6,19 @@
 //! [`CurrentSlice::replace`] swaps a whole new index in atomically, and requests in flight
 //! finish on the index they started with.
 //!
+//! **Configuration changes.** The proxy replicas and the connector load a new slice at
+//! slightly different moments, so for a short while a request may be shaped for a slice
+//! version the connector does not serve (yet, or any more). Two bounded windows bridge
+//! that, and the connector still only serves what one of its own slices allowed:
+//!
+//! - the slice a replacement displaced stays known for [`ChangeWindows::previous_grace`]
+//!   ([`PREVIOUS_SLICE_GRACE`]) after the replacement ([`CurrentSlice::previous_app`]):
+//!   a lagging replica's request for the old internal URL is served by it;
+//! - when the fleet announced a version other than the one served and its pull has not
+//!   ended ([`CurrentSlice::newer_announced`]), a request the current slice refuses may
+//!   wait up to [`ChangeWindows::catch_up_wait`] ([`CATCH_UP_WAIT`]) for the new slice
+//!   ([`CurrentSlice::changes`]).
+//!
 //! **Clients.** Plain `http` backends share one HTTP/1.1 client. `https` backends get one
 //! client per distinct TLS setting (trust, `serverName`, `insecureSkipVerify`), offering
 //! HTTP/2 and HTTP/1.1 by ALPN. A client whose setting is unchanged is carried over to
@@ -28,7 +41,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use http::uri::{Authority, Scheme};
 use http::{Request, Uri};
 use hyper::body::Incoming;
@@ -42,11 +55,22 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use sallyport_api::fleet_config::{GroupSlice, SCHEMA_VERSION, SecretKeyRef, SliceApp};
 use sallyport_tunnel::tls::{TlsError, certificates_from_pem, provider};
-use tracing::{info, warn};
+use sallyport_tunnel::wire::FleetNotice;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
 
 /// How long a backend may take to send its response headers when the app's
 /// `backend.timeout` is not a positive duration.
 pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_secs(85);
+
+/// How long after a replacement the replaced slice still admits the requests the current
+/// one refuses: the time the proxy replicas take to all load a configuration change.
+pub const PREVIOUS_SLICE_GRACE: Duration = Duration::from_secs(5);
+
+/// The longest a request the current slice refuses waits for a newer slice the fleet
+/// announced (the connector pulls it on the notice).
+pub const CATCH_UP_WAIT: Duration = Duration::from_secs(2);
 
 /// How long an idle backend connection stays in a client's pool.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -355,10 +379,60 @@ struct Compiled {
     tls_clients: HashMap<TlsKey, Tagged>,
 }
 
+/// The windows that bridge a slice change (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangeWindows {
+    /// How long after a replacement the replaced slice still admits requests the current
+    /// one refuses.
+    pub previous_grace: Duration,
+    /// The longest a request the current slice refuses waits for an announced newer
+    /// slice.
+    pub catch_up_wait: Duration,
+}
+
+impl Default for ChangeWindows {
+    fn default() -> Self {
+        Self {
+            previous_grace: PREVIOUS_SLICE_GRACE,
+            catch_up_wait: CATCH_UP_WAIT,
+        }
+    }
+}
+
+/// The slice the last replacement displaced, and when.
+#[derive(Debug)]
+struct Previous {
+    compiled: Arc<Compiled>,
+    replaced_at: Instant,
+}
+
+/// An app as the previous slice serves it, within [`ChangeWindows::previous_grace`].
+#[derive(Debug, Clone)]
+pub struct PreviousApp {
+    /// The app's backend in the previous slice.
+    pub backend: Arc<AppBackend>,
+    /// The previous slice's version.
+    pub version: String,
+    /// How long ago the current slice replaced it.
+    pub replaced_ago: Duration,
+}
+
 /// What every slice version shares.
 #[derive(Debug)]
 struct Shared {
     current: ArcSwap<Compiled>,
+    /// The slice the last replacement displaced, until its grace ends.
+    previous: ArcSwapOption<Previous>,
+    /// The windows of [`ChangeWindows`].
+    windows: ArcSwap<ChangeWindows>,
+    /// Bumped on every replacement and every ended pull of an announced version: wakes
+    /// the requests catching up.
+    changes: watch::Sender<u64>,
+    /// The fleet's notices (the announced version), once the dialer runs.
+    notices: OnceLock<watch::Receiver<Option<FleetNotice>>>,
+    /// An announced version whose pull ended without bringing it (the fleet answered
+    /// with another version, or the pull gave up): nothing to wait for.
+    settled: Mutex<Option<String>>,
     /// Serialises [`CurrentSlice::replace`] so that client reuse sees the latest version.
     replace_lock: Mutex<()>,
     plain: Tagged,
@@ -424,6 +498,11 @@ impl CurrentSlice {
         Self {
             shared: Arc::new(Shared {
                 current: ArcSwap::from_pointee(Compiled::default()),
+                previous: ArcSwapOption::empty(),
+                windows: ArcSwap::from_pointee(ChangeWindows::default()),
+                changes: watch::Sender::new(0),
+                notices: OnceLock::new(),
+                settled: Mutex::new(None),
                 replace_lock: Mutex::new(()),
                 plain,
                 extra_roots,
@@ -437,7 +516,10 @@ impl CurrentSlice {
     /// Serves `slice` from now on. Apps that cannot be served (an unusable internal URL
     /// or TLS setting) are skipped with a warning naming the app; the rest are served.
     /// Clients whose settings are unchanged are carried over with their connections.
-    /// Fails, keeping the current slice, only for a schema newer than this build reads.
+    /// The slice replaced stays the previous slice for [`ChangeWindows::previous_grace`]
+    /// (then it is dropped), and requests catching up ([`CurrentSlice::changes`]) are
+    /// woken. Fails, keeping the current slice, only for a schema newer than this build
+    /// reads.
     pub fn replace(&self, slice: GroupSlice) -> Result<(), SliceError> {
         if slice.schema_version > SCHEMA_VERSION {
             return Err(SliceError::UnsupportedSchemaVersion {
@@ -480,12 +562,154 @@ impl CurrentSlice {
             tls_clients = tls_clients.len(),
             "serving group slice"
         );
-        self.shared.current.store(Arc::new(Compiled {
+        let replaced = self.shared.current.swap(Arc::new(Compiled {
             version: Some(slice.version),
             apps,
             tls_clients,
         }));
+        if replaced.version.is_some() {
+            let previous = Arc::new(Previous {
+                compiled: replaced,
+                replaced_at: Instant::now(),
+            });
+            self.shared.previous.store(Some(Arc::clone(&previous)));
+            self.drop_previous_after_grace(previous);
+        }
+        self.shared
+            .changes
+            .send_modify(|count| *count = count.wrapping_add(1));
         Ok(())
+    }
+
+    /// Drops `previous` when its grace ends, if a runtime runs (else the next lookup or
+    /// replacement does).
+    fn drop_previous_after_grace(&self, previous: Arc<Previous>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let grace = self.change_windows().previous_grace;
+        let shared = Arc::downgrade(&self.shared);
+        let previous = Arc::downgrade(&previous);
+        runtime.spawn(async move {
+            tokio::time::sleep(grace).await;
+            if let (Some(shared), Some(previous)) = (shared.upgrade(), previous.upgrade()) {
+                CurrentSlice { shared }.drop_previous(&previous);
+            }
+        });
+    }
+
+    /// Forgets `expired` if it is still the previous slice.
+    fn drop_previous(&self, expired: &Arc<Previous>) {
+        let dropped = self
+            .shared
+            .previous
+            .compare_and_swap(&Some(Arc::clone(expired)), None);
+        if dropped
+            .as_ref()
+            .is_some_and(|was| Arc::ptr_eq(was, expired))
+        {
+            debug!(
+                version = expired.compiled.version.as_deref().unwrap_or_default(),
+                "the previous group slice's grace ended; dropped"
+            );
+        }
+    }
+
+    /// The windows that bridge slice changes.
+    pub fn change_windows(&self) -> ChangeWindows {
+        **self.shared.windows.load()
+    }
+
+    /// Sets the windows that bridge slice changes, for this slice and its clones (the
+    /// defaults are [`PREVIOUS_SLICE_GRACE`] and [`CATCH_UP_WAIT`]; tests shorten them).
+    pub fn set_change_windows(&self, windows: ChangeWindows) {
+        self.shared.windows.store(Arc::new(windows));
+    }
+
+    /// The app `app_id` of the slice the last replacement displaced, while that was less
+    /// than [`ChangeWindows::previous_grace`] ago; `None` when it serves no such app, or
+    /// there is no previous slice (any more: past its grace it is dropped).
+    pub fn previous_app(&self, app_id: &str) -> Option<PreviousApp> {
+        self.previous_app_at(app_id, Instant::now())
+    }
+
+    /// [`CurrentSlice::previous_app`] at `now`.
+    fn previous_app_at(&self, app_id: &str, now: Instant) -> Option<PreviousApp> {
+        let previous = self.shared.previous.load_full()?;
+        let replaced_ago = now.saturating_duration_since(previous.replaced_at);
+        if replaced_ago >= self.change_windows().previous_grace {
+            self.drop_previous(&previous);
+            return None;
+        }
+        let backend = previous.compiled.apps.get(app_id)?.clone();
+        Some(PreviousApp {
+            backend,
+            version: previous.compiled.version.clone().unwrap_or_default(),
+            replaced_ago,
+        })
+    }
+
+    /// Reads the version the fleet announces from `notices` (the dialer's
+    /// [`sallyport_tunnel::dial::Dialer::notices`]), for
+    /// [`CurrentSlice::newer_announced`]. The first call wins; later ones are ignored.
+    pub fn follow_notices(&self, notices: watch::Receiver<Option<FleetNotice>>) {
+        if self.shared.notices.set(notices).is_err() {
+            warn!("the group slice already follows the fleet's notices; ignoring another");
+        }
+    }
+
+    /// The version the fleet announced when it is not the one served and its pull has
+    /// not ended without bringing it: a request the current slice refuses may be meant
+    /// for it, and can wait for it ([`CurrentSlice::changes`]). `None` when nothing newer
+    /// is known.
+    pub fn newer_announced(&self) -> Option<String> {
+        let announced = self
+            .shared
+            .notices
+            .get()?
+            .borrow()
+            .as_ref()
+            .map(|notice| notice.config_version.clone())?;
+        let current = self.shared.current.load();
+        if current.version.as_deref() == Some(announced.as_str()) {
+            return None;
+        }
+        let settled = self
+            .shared
+            .settled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (settled.as_deref() != Some(announced.as_str())).then_some(announced)
+    }
+
+    /// A pull for an announced version starts: requests the current slice refuses wait
+    /// for it again, even if an earlier pull for the same version ended without it.
+    pub fn announced_pull_started(&self) {
+        *self
+            .shared
+            .settled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// The pull for the announced `version` ended (the slice replaced, or the fleet
+    /// answered with another version, or the pull gave up): requests waiting for it stop
+    /// waiting unless the slice now serves them.
+    pub fn announced_pull_ended(&self, version: &str) {
+        *self
+            .shared
+            .settled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(version.to_owned());
+        self.shared
+            .changes
+            .send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// A receiver that sees every later replacement and every ended pull of an announced
+    /// version (subscribe first, then check, then wait: nothing is missed).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
     }
 
     /// The version of the slice being served; `None` before the first one.
@@ -1165,6 +1389,119 @@ mod tests {
             id("a/right"),
             "the same CA and serverName share a client"
         );
+    }
+
+    fn notice(version: &str) -> Option<FleetNotice> {
+        Some(FleetNotice {
+            replica: "proxy-0".to_owned(),
+            replicas: vec!["proxy-0".to_owned()],
+            config_version: version.to_owned(),
+        })
+    }
+
+    #[test]
+    fn the_replaced_slice_serves_within_its_grace_only() {
+        let current = CurrentSlice::new();
+        let taken = current.replace(slice("v1", vec![app("a/wiki", "http://old.corp/", None)]));
+        assert!(taken.is_ok());
+        assert!(
+            current.previous_app("a/wiki").is_none(),
+            "the empty start is no previous slice"
+        );
+        let taken = current.replace(slice("v2", vec![app("a/wiki", "http://new.corp/", None)]));
+        assert!(taken.is_ok());
+        let previous = current
+            .previous_app("a/wiki")
+            .unwrap_or_else(|| panic!("v1 is the previous slice"));
+        assert_eq!(previous.version, "v1");
+        assert_eq!(previous.backend.internal_url(), "http://old.corp/");
+        assert!(current.previous_app("a/other").is_none());
+
+        // At the end of the grace it is ignored, and dropped.
+        let replaced_at = current
+            .shared
+            .previous
+            .load_full()
+            .map(|previous| previous.replaced_at)
+            .unwrap_or_else(|| panic!("a previous slice"));
+        let just_before = replaced_at + PREVIOUS_SLICE_GRACE - Duration::from_millis(1);
+        assert!(current.previous_app_at("a/wiki", just_before).is_some());
+        assert!(
+            current
+                .previous_app_at("a/wiki", replaced_at + PREVIOUS_SLICE_GRACE)
+                .is_none()
+        );
+        assert!(current.shared.previous.load().is_none(), "dropped");
+        assert!(
+            current.previous_app_at("a/wiki", just_before).is_none(),
+            "gone for good"
+        );
+
+        // A shorter grace applies to the next lookups.
+        let taken = current.replace(slice("v3", vec![]));
+        assert!(taken.is_ok());
+        assert!(current.previous_app("a/wiki").is_some());
+        current.set_change_windows(ChangeWindows {
+            previous_grace: Duration::ZERO,
+            ..ChangeWindows::default()
+        });
+        assert!(current.previous_app("a/wiki").is_none());
+    }
+
+    #[tokio::test]
+    async fn the_previous_slice_is_dropped_when_its_grace_ends() {
+        let current = CurrentSlice::new();
+        current.set_change_windows(ChangeWindows {
+            previous_grace: Duration::from_millis(20),
+            ..ChangeWindows::default()
+        });
+        for version in ["v1", "v2"] {
+            let taken = current.replace(slice(version, vec![app("a/b", "http://b.corp/", None)]));
+            assert!(taken.is_ok());
+        }
+        assert!(current.shared.previous.load().is_some());
+        // No lookup: the timer drops it.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while current.shared.previous.load().is_some() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the previous slice was not dropped"));
+    }
+
+    #[test]
+    fn a_newer_version_is_known_from_a_notice_until_its_pull_ends() {
+        let current = CurrentSlice::new();
+        let taken = current.replace(slice("v1", vec![]));
+        assert!(taken.is_ok());
+        assert_eq!(current.newer_announced(), None, "no notices followed");
+        let (notices, receiver) = watch::channel(None);
+        current.follow_notices(receiver);
+        assert_eq!(current.newer_announced(), None, "no notice yet");
+        notices.send_replace(notice("v1"));
+        assert_eq!(current.newer_announced(), None, "the version served");
+        notices.send_replace(notice("v2"));
+        assert_eq!(current.newer_announced().as_deref(), Some("v2"));
+
+        // The pull ends without v2 (the fleet answered with v1): nothing to wait for,
+        // until a pull for it starts again.
+        let mut changes = current.changes();
+        current.announced_pull_ended("v2");
+        assert!(changes.has_changed().unwrap_or(false), "waiters are woken");
+        assert_eq!(current.newer_announced(), None);
+        current.announced_pull_started();
+        assert_eq!(current.newer_announced().as_deref(), Some("v2"));
+        current.announced_pull_ended("v2");
+        notices.send_replace(notice("v3"));
+        assert_eq!(current.newer_announced().as_deref(), Some("v3"));
+
+        // The slice arrives: nothing newer.
+        changes.mark_unchanged();
+        let taken = current.replace(slice("v3", vec![]));
+        assert!(taken.is_ok());
+        assert!(changes.has_changed().unwrap_or(false), "waiters are woken");
+        assert_eq!(current.newer_announced(), None);
     }
 
     #[test]

@@ -28,9 +28,9 @@ use sallyport_api::fleet_config::{
     Backend, BackendTls, ConnectorGroupConfig, GroupSlice, SCHEMA_VERSION, SliceApp,
 };
 use sallyport_connector::backend::{Backends, ERROR_HEADER};
-use sallyport_connector::slice::CurrentSlice;
+use sallyport_connector::slice::{ChangeWindows, CurrentSlice};
 use sallyport_tunnel::body::{BoxError, TunnelBody, empty, full};
-use sallyport_tunnel::wire::{APP_HEADER, REQUEST_ID_HEADER};
+use sallyport_tunnel::wire::{APP_HEADER, FleetNotice, REQUEST_ID_HEADER};
 use tokio::net::{TcpListener, TcpStream};
 
 type TestResult = Result<(), BoxError>;
@@ -758,7 +758,14 @@ async fn a_slice_replace_switches_the_target_and_keeps_serving() -> TestResult {
     let response = proxy.send(get(&new.url("/wiki/a"), "team-a/wiki")).await?;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(text(response).await?, "new GET /wiki/a");
+    // A lagging proxy replica still shapes requests for v1: within the grace of the
+    // replaced slice, v1's backend serves them.
     let response = proxy.send(get(&old.url("/wiki/a"), "team-a/wiki")).await?;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(error_reason(&response), None);
+    assert_eq!(text(response).await?, "old GET /wiki/a");
+    // Neither slice admits a path outside the internal URL.
+    let response = proxy.send(get(&old.url("/admin"), "team-a/wiki")).await?;
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
     assert_eq!(error_reason(&response), Some("OutsideInternalUrl"));
 
@@ -768,14 +775,74 @@ async fn a_slice_replace_switches_the_target_and_keeps_serving() -> TestResult {
     )
     .await?;
     assert_eq!(received, TOTAL);
-    assert_eq!(old.requests().len(), 1);
+    assert_eq!(old.requests().len(), 2);
     assert_eq!(new.requests().len(), 1);
 
-    // An app dropped from the slice is refused at once.
+    // Past the grace the replaced slice admits nothing: the old URL is refused, and an
+    // app dropped from the slice at once.
+    current.set_change_windows(ChangeWindows {
+        previous_grace: Duration::ZERO,
+        ..ChangeWindows::default()
+    });
+    let response = proxy.send(get(&old.url("/wiki/a"), "team-a/wiki")).await?;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(error_reason(&response), Some("OutsideInternalUrl"));
     serving(&current, "v3", vec![])?;
     let response = proxy.send(get(&new.url("/wiki/a"), "team-a/wiki")).await?;
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
     assert_eq!(error_reason(&response), Some("AppNotServed"));
+    assert_eq!(old.requests().len(), 2);
+    assert_eq!(new.requests().len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_request_for_an_announced_slice_waits_for_it() -> TestResult {
+    let old = TestBackend::plain("old").await?;
+    let new = TestBackend::plain("new").await?;
+    let current = CurrentSlice::new();
+    let (notices, receiver) = tokio::sync::watch::channel(None);
+    current.follow_notices(receiver);
+    // Generous for a slow machine (the bound itself is a unit test's matter), and longer
+    // than `bounded`: a request that waits when it should not fails the test.
+    current.set_change_windows(ChangeWindows {
+        catch_up_wait: Duration::from_secs(600),
+        ..ChangeWindows::default()
+    });
+    serving(&current, "v1", vec![app("team-a/wiki", &old.url("/wiki/"))])?;
+    let connector = start_connector(&current, false).await?;
+    let mut proxy = Proxy::connect(connector).await?;
+
+    // A proxy replica loaded v2 (a blue/green cut-over): it announces it and at once
+    // sends a request for v2's internal URL, before the connector has pulled v2.
+    notices.send_replace(Some(FleetNotice {
+        replica: "proxy-0".to_owned(),
+        replicas: vec!["proxy-0".to_owned()],
+        config_version: "v2".to_owned(),
+    }));
+    let request = tokio::spawn({
+        let mut proxy = Proxy::connect(connector).await?;
+        let uri = new.url("/wiki/a");
+        async move { proxy.send(get(&uri, "team-a/wiki")).await }
+    });
+    // The pull lands a moment later (the request may or may not be waiting yet: either
+    // way it is served by v2).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    serving(&current, "v2", vec![app("team-a/wiki", &new.url("/wiki/"))])?;
+    let response = bounded("the waiting request", request).await??;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(text(response).await?, "new GET /wiki/a");
+
+    // Without a newer announcement a request neither slice admits is refused at once.
+    let response = bounded(
+        "a refusal",
+        proxy.send(get(&new.url("/admin"), "team-a/wiki")),
+    )
+    .await?;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    assert_eq!(error_reason(&response), Some("OutsideInternalUrl"));
+    assert_eq!(new.requests().len(), 1);
+    assert_eq!(old.requests().len(), 0);
     Ok(())
 }
 
