@@ -115,14 +115,14 @@ cluster-down: ## Stop the local control plane and remove its state
 	$(CLUSTER) down
 
 .PHONY: bench
-bench: bench-s8 bench-compare bench-s4 bench-s5 bench-policy ## Benchmarks, release build, on loopback: S8 (operator), the data plane against its peers (S1, S1b, S2, S3, S3b), S4, S5, conditional access
+bench: bench-s8 bench-compare bench-s4 bench-s5 bench-s6 bench-s7 bench-policy ## Benchmarks, release build, on loopback: S8 (operator, compiler, proxy memory), the data plane against its peers (S1, S1b, S2, S3, S3b), S4, S5, S6, S7, conditional access
 
 .PHONY: bench-build
 bench-build:
 	$(CARGO) build --release --workspace --bins
 
 .PHONY: bench-s8
-bench-s8: bench-build ## S8: operator and compiler, real control plane; options in BENCH_ARGS="--apps 200"
+bench-s8: bench-build ## S8: operator (real control plane), compiler, one proxy's memory at 10,000 apps; options in BENCH_ARGS="--apps 200"
 	$(CARGO_TARGET_DIR)/release/sallyport-bench s8 $(BENCH_ARGS)
 
 .PHONY: bench-compare
@@ -143,6 +143,15 @@ bench-s4: bench-build ## S4: N idle WebSockets (default 10,000) through proxy + 
 .PHONY: bench-s5
 bench-s5: bench-build ## S5: connector start to first response, SIGKILL/SIGTERM of one of two connectors under load, 1,000 requests cancelled at once; options in BENCH_S5_ARGS="--rounds 7"
 	$(CARGO_TARGET_DIR)/release/sallyport-bench s5 $(BENCH_S5_ARGS)
+
+.PHONY: bench-s6
+bench-s6: bench-build ## S6: a PublishedApp change (internalUrl blue <-> green) until all 3 proxy replicas enforce it, under 1,000 req/s; options in BENCH_S6_ARGS="--changes 50"
+	bash bench/install-tools.sh >/dev/null
+	$(CARGO_TARGET_DIR)/release/sallyport-bench s6 --oha "$$(bash bench/install-tools.sh)" $(BENCH_S6_ARGS)
+
+.PHONY: bench-s7
+bench-s7: bench-build ## S7: 1,000 connectors reconnecting at once after a proxy restart; options in BENCH_S7_ARGS="--connectors 500"
+	$(CARGO_TARGET_DIR)/release/sallyport-bench s7 $(BENCH_S7_ARGS)
 
 .PHONY: bench-dataplane
 bench-dataplane: bench-build ## S1, S3: direct vs proxy + connector, A B A B; options in BENCH_DATAPLANE_ARGS="--rounds 7"

@@ -106,6 +106,9 @@ pub enum BenchError {
         /// Why.
         message: String,
     },
+    /// A part run with the data-plane benchmark's pieces (processes, PKI, client) failed.
+    #[error(transparent)]
+    Dataplane(Box<crate::dataplane::DataplaneError>),
     /// Another I/O failure: the async runtime, the operator's log, writing the report.
     #[error("{what}: {source}")]
     Io {
@@ -114,6 +117,12 @@ pub enum BenchError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+impl From<crate::dataplane::DataplaneError> for BenchError {
+    fn from(error: crate::dataplane::DataplaneError) -> Self {
+        Self::Dataplane(Box::new(error))
+    }
 }
 
 impl BenchError {

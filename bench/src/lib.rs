@@ -33,6 +33,8 @@ pub mod procfs;
 pub mod report;
 pub mod s4;
 pub mod s5;
+pub mod s6;
+pub mod s7;
 pub mod s8;
 pub mod stats;
 
@@ -66,7 +68,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Scenario {
     /// S8: the operator under N PublishedApps applied at once (default 1,000: time until
-    /// all are Ready and published), and the fleet configuration compile at 10,000 apps.
+    /// all are Ready and published), the fleet configuration compile at 10,000 apps, and
+    /// one proxy's memory holding 10,000 apps.
     #[command(
         long_about = "S8: the operator under a burst of PublishedApps, and the fleet \
         configuration compiler at scale.\n\n\
@@ -83,6 +86,13 @@ pub enum Scenario {
         operator/tests/compile_scale.rs) and times `compile` and the gzip encoding \
         --compile-runs times (min/median/max), with the JSON and gzip sizes. Goal: 10,000 \
         apps compile <= 1 s.\n\n\
+        Proxy part: one `sallyport-proxy` (standalone) follows a configuration file holding \
+        the generated fleet of --proxy-apps apps, with every TLS Secret it names (the default \
+        certificate and each app's own, issued by one CA of the run); external URLs carry the \
+        proxy's port and providers point at a closed loopback port. Reports its RSS on an \
+        empty configuration, holding and serving the fleet, and after one new HTTPS \
+        connection and GET to every app (--proxy-concurrency at a time), per app. Goal: \
+        10,000 apps <= 200 MiB.\n\n\
         Everything binds 127.0.0.1 and is stopped when the run ends, also on failure. Every \
         wait is bounded: the operator's start by 3 minutes, everything after the first apply \
         by --timeout."
@@ -194,6 +204,74 @@ pub enum Scenario {
     )]
     S5(s5::S5Args),
 
+    /// S6: a PublishedApp change in the cluster until all proxy replicas enforce it.
+    #[command(
+        long_about = "S6: a PublishedApp change in the cluster, timed until every proxy \
+        replica enforces it, under steady load.\n\n\
+        Starts, on 127.0.0.1: a control plane (etcd and kube-apiserver) through \
+        `sallyport-cluster`, the CRDs, `sallyport-operator run` as its ServiceAccount, \
+        --proxies `sallyport-proxy run` replicas (default 3) as the proxy's ServiceAccount, \
+        watching the compiled fleet configuration as in a cluster, one ConnectorGroup with \
+        two `sallyport-connector run`, and two backends (this executable, \
+        `dataplane-backend --name blue|green`, each naming itself in an x-backend-name \
+        header); one passthrough PublishedApp at https://s6.bench.test/ served from blue.\n\n\
+        A probe per replica asks GET / every --probe-ms on a keep-alive connection and \
+        notes which backend answered; a watch notes the app's internal URL in every \
+        version of the compiled configuration ConfigMap; one oha per replica sends \
+        --rate requests per second in all (default 1,000, an equal share each, -q with \
+        --latency-correction, --connections keep-alive connections each) from --warmup-ms \
+        before the first change until oha is interrupted after the last.\n\n\
+        Then --changes times (default 20), one at a time: a merge patch of \
+        spec.internalUrl to the other backend (a blue/green cut-over). A replica's latency \
+        runs from the apiserver's answer to the patch to its probe's first answer from the \
+        new backend; the next change waits until every replica has it (at most \
+        --change-timeout s; past it the run stops changing and reports itself incomplete) \
+        and --settle-ms more.\n\n\
+        Reports per change the patch's round trip, the time until the compiled \
+        configuration was seen (the operator's part) and each replica's latency; p50, p99 \
+        and max over every change and replica and per replica; and the errors: oha's \
+        answers other than 200 and failed requests, failed probes, and answers from the \
+        old backend after a replica had shown the new one (a flip back). Goal: <= 1 s p99 \
+        on 3 proxies and no error under 1,000 req/s. Every process is killed when the run \
+        ends, also on failure; the run's directory (every log) is kept when it fails or \
+        with --keep-dir."
+    )]
+    S6(s6::S6Args),
+
+    /// S7: 1,000 connectors reconnecting at once: SIGKILL to the proxy, restarted at
+    /// once; time until every tunnel is back (goal: 2 s).
+    #[command(long_about = "S7: 1,000 connectors reconnecting at once.\n\n\
+        Starts, on 127.0.0.1 and without a cluster, the data-plane benchmark's backend and \
+        sallyport-proxy standalone (per-client limits off: every connector dials from \
+        127.0.0.1), then --connectors real connectors of one group (default 1,000), each \
+        with its own key, certificate, state directory and --tunnels tunnels (default 2, \
+        the connector's default). They run as tasks of --hosts host processes (this \
+        executable, `s7-connector-host`, through the connector's library): 1,000 connector \
+        processes would not fit this machine. The open-files limit is raised to the hard \
+        limit and checked, with the ephemeral ports, against the run's size; the run stops \
+        at once when they are too low.\n\n\
+        Setup (reported, not the goal): the hosts register every connector \
+        (--register-concurrency at a time; the proxy signs each CSR), then all connectors \
+        start at once: time until the proxy counts every tunnel.\n\n\
+        Per round (--rounds): the proxy gets SIGKILL and is started again at once on the \
+        same addresses, configuration and PKI. Its port is polled every millisecond, then \
+        its sallyport_proxy_tunnels_open gauge every --poll-ms until it counts every tunnel \
+        (at most --round-timeout s). Reports the time to 50, 90, 99 and 100% of the \
+        tunnels from the port's opening and from the kill; the same from the connectors' \
+        own `tunnel up` log lines, per tunnel and per connector; their dial failures by \
+        depth of backoff and how long backoffs ran past the proxy's return; tunnels open \
+        at fixed points after the port opened (the curve's shape); the CPU time of the new \
+        proxy and of the hosts; after --settle-ms, --gets GETs through the proxy that the \
+        backend must answer. Goal: every tunnel back within 2 s of the proxy accepting \
+        again, in every round (also judged, stricter, from the kill).\n\n\
+        Every wait is bounded; every process is killed when the run ends, also on failure; \
+        the run's directory (every log) is kept when it fails or with --keep-dir.")]
+    S7(s7::S7Args),
+
+    /// S7's connector host (started by `s7`, not for people).
+    #[command(hide = true)]
+    S7ConnectorHost(s7::host::HostArgs),
+
     /// S1, S1b, S2, S3 side by side with real peers: direct, nginx (plain and TLS),
     /// rathole (TCP and TLS), frp, Sallyport (passthrough, and with authentication and
     /// policy), A B C ... per round; medians, ratios, goals, plots.
@@ -270,6 +348,9 @@ pub fn run(cli: Cli, out: &mut impl Write) -> Result<(), Error> {
         Scenario::Flood(args) => Ok(flood::run(&args)?.write(out)?),
         Scenario::S4(args) => Ok(s4::run(&args)?.write(out)?),
         Scenario::S5(args) => Ok(s5::run(&args)?.write(out)?),
+        Scenario::S6(args) => Ok(s6::run(&args)?.write(out)?),
+        Scenario::S7(args) => Ok(s7::run(&args)?.write(out)?),
+        Scenario::S7ConnectorHost(args) => Ok(s7::host::serve(&args)?),
         Scenario::DataplaneBackend(args) => Ok(dataplane::backend::serve(&args)?),
     }
 }

@@ -14,6 +14,9 @@
 //! - `GET /ws` with `Upgrade: websocket`: the WebSocket handshake (101 with the
 //!   `Sec-WebSocket-Accept` of RFC 6455), then every byte received is sent back as it
 //!   came; frames are not parsed (S4: idle tunneled streams).
+//!
+//! Started with `--name NAME`, every answer carries `x-backend-name: NAME`, so that a
+//! client can tell which of two backends served it (S6's blue/green cut-over).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -48,6 +51,8 @@ pub const SLOW_PATH: &str = "/slow/";
 pub const INFLIGHT_PATH: &str = "/inflight";
 /// The path of the WebSocket echo.
 pub const WEBSOCKET_PATH: &str = "/ws";
+/// The response header naming the backend, when started with `--name`.
+pub const NAME_HEADER: &str = "x-backend-name";
 /// The GUID of RFC 6455's `Sec-WebSocket-Accept`.
 const WEBSOCKET_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// The longest `/slow` wait, milliseconds.
@@ -70,6 +75,10 @@ pub struct BackendArgs {
     /// Size of the chunks a download is written in, KiB.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=16_384))]
     pub chunk_kib: u32,
+
+    /// A name sent back in an `x-backend-name` header on every answer (none by default).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -82,6 +91,15 @@ pub fn serve(args: &BackendArgs) -> Result<(), DataplaneError> {
         .build()
         .map_err(DataplaneError::io("starting the backend's async runtime"))?;
     let chunk = Bytes::from(vec![b'x'; args.chunk_kib as usize * 1024]);
+    let name = match &args.name {
+        Some(name) => Some(
+            HeaderValue::from_str(name).map_err(|error| DataplaneError::Io {
+                what: format!("the backend's --name {name:?}"),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, error),
+            })?,
+        ),
+        None => None,
+    };
     runtime.block_on(async move {
         let listener = TcpListener::bind(args.listen)
             .await
@@ -93,10 +111,18 @@ pub fn serve(args: &BackendArgs) -> Result<(), DataplaneError> {
             };
             let _ = stream.set_nodelay(true);
             let chunk = chunk.clone();
+            let name = name.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |request: Request<Incoming>| {
                     let chunk = chunk.clone();
-                    async move { Ok::<_, Infallible>(answer(request, chunk).await) }
+                    let name = name.clone();
+                    async move {
+                        let mut response = answer(request, chunk).await;
+                        if let Some(name) = name {
+                            response.headers_mut().insert(NAME_HEADER, name);
+                        }
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .keep_alive(true)

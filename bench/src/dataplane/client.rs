@@ -59,25 +59,11 @@ impl Target {
         port: u16,
         ca_pem: &[u8],
     ) -> Result<Self, DataplaneError> {
-        let mut roots = rustls::RootCertStore::empty();
-        for certificate in CertificateDer::pem_slice_iter(ca_pem) {
-            roots
-                .add(certificate.map_err(DataplaneError::client("the app's certificate"))?)
-                .map_err(DataplaneError::client("the app's certificate"))?;
-        }
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(DataplaneError::client("client TLS settings"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self::Proxy {
             address,
             host: host.to_owned(),
             port,
-            tls: Arc::new(config),
+            tls: tls_trusting(ca_pem, "the app's certificate")?,
             cookie: None,
         })
     }
@@ -158,6 +144,29 @@ impl Target {
             },
         })
     }
+}
+
+/// Client TLS settings as a browser's for the proxy's apps, trusting only the
+/// certificates of `ca_pem` (`what` names them in errors), ALPN `http/1.1`.
+pub fn tls_trusting(
+    ca_pem: &[u8],
+    what: &str,
+) -> Result<Arc<rustls::ClientConfig>, DataplaneError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in CertificateDer::pem_slice_iter(ca_pem) {
+        roots
+            .add(certificate.map_err(DataplaneError::client(what))?)
+            .map_err(DataplaneError::client(what))?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(DataplaneError::client("client TLS settings"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 async fn handshake<T>(io: T, what: &str) -> Result<SendRequest<Body>, DataplaneError>

@@ -69,6 +69,27 @@ pub enum DataplaneError {
         /// Why.
         message: String,
     },
+    /// A step against the Kubernetes control plane failed (S6: its objects, the
+    /// identities, the fleet's PKI, a PublishedApp change).
+    #[error("{what}: {message}")]
+    Cluster {
+        /// What was being done.
+        what: String,
+        /// Why.
+        message: String,
+    },
+    /// A limit of the machine is too low for the run's size (S7: open files, ports).
+    #[error("not enough {what}: {needed} needed, {available} available; {hint}")]
+    Limit {
+        /// Which limit.
+        what: String,
+        /// What the run needs.
+        needed: u64,
+        /// What the machine allows.
+        available: u64,
+        /// How to raise it.
+        hint: String,
+    },
     /// A measurement from `/proc` failed.
     #[error(transparent)]
     Bench(#[from] BenchError),

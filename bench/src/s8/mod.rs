@@ -5,6 +5,8 @@
 //!   applied, timed until all are Ready and published ([`fixtures`] holds the objects);
 //! - [`compile`]: the pure compiler over a generated fleet ([`fleet`]), timed several
 //!   times, with the sizes of what it produces;
+//! - [`proxy_memory`]: one proxy holding the generated fleet (10,000 apps): its resident
+//!   memory empty, loaded, and after a request to every app;
 //! - [`apiserver_requests`]: what the apiserver was asked during the burst;
 //! - [`report`]: the table, the JSON line and the goals.
 
@@ -13,6 +15,7 @@ pub mod compile;
 pub mod fixtures;
 pub mod fleet;
 pub mod operator;
+pub mod proxy_memory;
 pub mod report;
 
 use std::path::PathBuf;
@@ -47,13 +50,30 @@ pub struct S8Args {
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub compile_runs: u32,
 
-    /// Only the compile part (no control plane).
-    #[arg(long, conflicts_with = "skip_compile")]
+    /// Apps in the generated fleet the proxy part loads into one proxy (the goal is
+    /// stated for 10,000).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(100..=100_000))]
+    pub proxy_apps: u32,
+
+    /// HTTPS requests in flight at once while the proxy part visits every app.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=512))]
+    pub proxy_concurrency: u32,
+
+    /// Leave out the operator part (no control plane).
+    #[arg(long)]
     pub skip_operator: bool,
 
-    /// Only the operator part.
+    /// Leave out the compile part.
     #[arg(long)]
     pub skip_compile: bool,
+
+    /// Leave out the proxy part.
+    #[arg(long)]
+    pub skip_proxy: bool,
+
+    /// The `sallyport-proxy` executable (default: next to this one).
+    #[arg(long, value_name = "PATH", env = "SALLYPORT_BENCH_PROXY_BIN")]
+    pub proxy_bin: Option<PathBuf>,
 
     /// The `sallyport-cluster` executable (default: next to this one, in the same cargo
     /// target profile directory).
@@ -75,8 +95,15 @@ pub struct S8Args {
     pub operator_log_filter: String,
 }
 
-/// Runs S8: the compile part first (on a quiet machine), then the operator part.
+/// Runs S8: the compile part first (on a quiet machine), then the proxy part, then the
+/// operator part.
 pub fn run(args: &S8Args) -> Result<S8Report, BenchError> {
+    if args.skip_compile && args.skip_operator && args.skip_proxy {
+        return Err(BenchError::Fixture {
+            what: "the options".into(),
+            message: "--skip-compile, --skip-proxy and --skip-operator leave nothing to run".into(),
+        });
+    }
     let options = operator::OperatorBenchOptions {
         apps: args.apps as usize,
         concurrency: args.concurrency as usize,
@@ -100,9 +127,25 @@ pub fn run(args: &S8Args) -> Result<S8Report, BenchError> {
             args.compile_runs as usize,
         )?)
     };
+    let proxy = if args.skip_proxy {
+        None
+    } else {
+        let bench = std::env::current_exe().map_err(BenchError::CurrentExe)?;
+        let proxy = crate::dataplane::locate(args.proxy_bin.as_ref(), "sallyport-proxy", &bench)
+            .map_err(BenchError::from)?;
+        Some(
+            proxy_memory::run(&proxy_memory::ProxyMemoryOptions {
+                apps: args.proxy_apps as usize,
+                proxy,
+                concurrency: args.proxy_concurrency as usize,
+                log_filter: "warn".to_owned(),
+            })
+            .map_err(BenchError::from)?,
+        )
+    };
     let operator = match &binaries {
         Some(binaries) => Some(operator::run(&options, binaries)?),
         None => None,
     };
-    Ok(S8Report::new(compile, operator))
+    Ok(S8Report::new(compile, proxy, operator))
 }

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::compile::CompileReport;
 use super::operator::OperatorReport;
+use super::proxy_memory::ProxyMemoryReport;
 use crate::error::BenchError;
 use crate::machine::Machine;
 pub use crate::report::GoalOutcome;
@@ -16,6 +17,8 @@ use crate::report::{build_profile, grouped, write_heading, written};
 pub const READY_GOAL_S: f64 = 30.0;
 /// S8 goal: this many milliseconds for a 10,000-app compile.
 pub const COMPILE_GOAL_MS: f64 = 1000.0;
+/// S8 goal: proxy RSS at 10,000 apps, MiB.
+pub const PROXY_RSS_GOAL_MIB: f64 = 200.0;
 /// What a ConfigMap holds at most.
 const CONFIG_MAP_LIMIT: usize = 1024 * 1024;
 
@@ -30,6 +33,8 @@ pub struct S8Report {
     pub machine: Machine,
     /// The compile part, unless skipped.
     pub compile: Option<CompileReport>,
+    /// The proxy part, unless skipped.
+    pub proxy: Option<ProxyMemoryReport>,
     /// The operator part, unless skipped.
     pub operator: Option<OperatorReport>,
     /// The S8 goals this run speaks to.
@@ -38,7 +43,11 @@ pub struct S8Report {
 
 impl S8Report {
     /// A report of the parts that ran, judged against the goals.
-    pub fn new(compile: Option<CompileReport>, operator: Option<OperatorReport>) -> Self {
+    pub fn new(
+        compile: Option<CompileReport>,
+        proxy: Option<ProxyMemoryReport>,
+        operator: Option<OperatorReport>,
+    ) -> Self {
         let mut goals = Vec::new();
         if let Some(operator) = &operator {
             goals.push(GoalOutcome {
@@ -62,11 +71,24 @@ impl S8Report {
                 met: compile.compile.median_ms <= COMPILE_GOAL_MS,
             });
         }
+        if let Some(proxy) = &proxy {
+            let rss = mib(proxy.judged_rss_bytes());
+            goals.push(GoalOutcome {
+                goal: format!(
+                    "proxy RSS at {} apps <= {PROXY_RSS_GOAL_MIB} MiB{}",
+                    grouped(proxy.apps as u64),
+                    stated_for(proxy.apps, 10_000)
+                ),
+                measured: format!("{rss:.0} MiB"),
+                met: rss <= PROXY_RSS_GOAL_MIB,
+            });
+        }
         Self {
             scenario: "S8",
             profile: build_profile(),
             machine: Machine::here(),
             compile,
+            proxy,
             operator,
             goals,
         }
@@ -225,6 +247,58 @@ impl S8Report {
                 ),
             )?;
         }
+        if let Some(p) = &self.proxy {
+            writeln!(out)?;
+            writeln!(
+                out,
+                "proxy: one sallyport-proxy holding the generated fleet of {} apps ({} TLS Secrets, {} bytes of JSON)",
+                grouped(p.apps as u64),
+                grouped(p.certificates as u64),
+                grouped(p.config_json_bytes as u64)
+            )?;
+            let row =
+                |out: &mut String, name: &str, value: String| writeln!(out, "  {name:<46} {value}");
+            row(
+                out,
+                "RSS: empty configuration",
+                format!("{:.1} MiB", mib(p.empty.rss_bytes)),
+            )?;
+            row(
+                out,
+                "RSS: holding and serving every app",
+                format!(
+                    "{:.1} MiB (served {:.2} s after the file arrived)",
+                    mib(p.loaded.rss_bytes),
+                    p.load_s
+                ),
+            )?;
+            let answers: Vec<String> = p
+                .answers
+                .iter()
+                .map(|(status, count)| format!("{status} x{count}"))
+                .collect();
+            row(
+                out,
+                "RSS: after one request to every app",
+                format!(
+                    "{:.1} MiB (peak {:.1}; {:.1} s; {})",
+                    mib(p.visited.rss_bytes),
+                    mib(p.visited.peak_rss_bytes),
+                    p.visit_s,
+                    answers.join(", ")
+                ),
+            )?;
+            row(
+                out,
+                "growth over the empty proxy, per app",
+                format!("{:.1} KiB", p.per_app_bytes() / 1024.0),
+            )?;
+            writeln!(
+                out,
+                "  proxy CPU {:.1} s; proxy: {}",
+                p.proxy_cpu_s, p.proxy_binary
+            )?;
+        }
         if !self.goals.is_empty() {
             writeln!(out)?;
             writeln!(out, "goals")?;
@@ -286,7 +360,7 @@ mod tests {
             json_bytes: 11_000_000,
             gzip_bytes: 380_000,
         };
-        let report = S8Report::new(Some(compile), None);
+        let report = S8Report::new(Some(compile), None, None);
         assert_eq!(report.goals.len(), 1);
         assert!(report.goals.iter().all(|g| g.met));
         let mut out = Vec::new();
