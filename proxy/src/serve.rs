@@ -587,11 +587,14 @@ impl Proxy {
         let notice = self.notice(&replicas, slice_version(&config, &identity.group_id()));
         let sent_version = notice.config_version.clone();
         info!(%peer, %connector, group = %identity.group_id(), "tunnel opened");
-        let attach = self.pool.attach(identity.clone(), tls, notice);
+        let (routed_tx, routed) = tokio::sync::oneshot::channel();
+        let attach = self
+            .pool
+            .attach_signalling(identity.clone(), tls, notice, Some(routed_tx));
         tokio::pin!(attach);
         let ended = tokio::select! {
             result = &mut attach => Some(result),
-            () = self.renotify_if_stale(&identity, &sent_version) => None,
+            () = self.renotify_if_stale(&identity, &sent_version, routed) => None,
         };
         let result = match ended {
             Some(result) => result,
@@ -606,17 +609,20 @@ impl Proxy {
     /// A configuration that arrives while a tunnel is being set up is announced only to
     /// tunnels already in the pool; once this one is in, tell it again if its first
     /// notice went out with an older version (else it would wait for its next poll).
-    async fn renotify_if_stale(&self, identity: &ConnectorIdentity, sent_version: &str) {
-        // The connector's other tunnels are there already: wait for one more.
-        let siblings = |tunnels: &[sallyport_tunnel::pool::TunnelInfo]| {
-            tunnels.iter().filter(|t| t.identity == *identity).count()
-        };
-        let before = siblings(&self.pool.snapshot());
-        let routed = self.pool.wait_for(|tunnels| siblings(tunnels) > before);
-        if tokio::time::timeout(HANDSHAKE_TIMEOUT, routed)
-            .await
-            .is_err()
-        {
+    ///
+    /// `routed` fires when this tunnel is in the pool ([`TunnelPool::attach_signalling`]):
+    /// one wake-up per tunnel, however many connectors reconnect at the same time.
+    async fn renotify_if_stale(
+        &self,
+        identity: &ConnectorIdentity,
+        sent_version: &str,
+        routed: tokio::sync::oneshot::Receiver<()>,
+    ) {
+        if !matches!(
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, routed).await,
+            Ok(Ok(()))
+        ) {
+            // Not routed in time, or the tunnel ended first: nothing to announce again.
             return;
         }
         let current = slice_version(&self.config.load_full(), &identity.group_id());

@@ -305,6 +305,25 @@ impl TunnelPool {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        self.attach_signalling(identity, io, notice, None).await
+    }
+
+    /// [`TunnelPool::attach`], sending on `routed` once the tunnel carries requests (its
+    /// notice acknowledged). The channel is dropped unsent when the tunnel ends before.
+    ///
+    /// This is how a caller follows one tunnel: waiting on [`TunnelPool::wait_for`]
+    /// instead would wake every opening tunnel at every change of the pool, which costs
+    /// quadratic time when many connectors reconnect at once.
+    pub async fn attach_signalling<IO>(
+        &self,
+        identity: ConnectorIdentity,
+        io: IO,
+        notice: FleetNotice,
+        routed: Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<(), PoolError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!(
             "tunnel",
@@ -314,7 +333,7 @@ impl TunnelPool {
             replica = %notice.replica,
         );
         let attachment = self.inner.admit(id, &identity)?;
-        self.run_tunnel(attachment, io, notice)
+        self.run_tunnel(attachment, io, notice, routed)
             .instrument(span)
             .await
     }
@@ -324,6 +343,7 @@ impl TunnelPool {
         attachment: Attachment,
         io: IO,
         notice: FleetNotice,
+        routed: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<(), PoolError>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -342,7 +362,7 @@ impl TunnelPool {
             () = closer.cancelled() => return Ok(()),
         };
         let ended = self
-            .carry(&attachment, sender, connection, &notice, &connector)
+            .carry(&attachment, sender, connection, &notice, &connector, routed)
             .await?;
         let Some(ended) = ended else {
             tracing::info!("tunnel closed by the fleet");
@@ -378,6 +398,7 @@ impl TunnelPool {
         connection: C,
         notice: &FleetNotice,
         connector: &str,
+        routed: Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<Option<hyper::Result<()>>, PoolError>
     where
         C: Future<Output = hyper::Result<()>>,
@@ -412,6 +433,10 @@ impl TunnelPool {
         );
         if !self.inner.route(attachment, sender, &notice.replica, reply) {
             return Ok(None);
+        }
+        if let Some(routed) = routed {
+            // The receiver may be gone (its caller stopped waiting): nothing to tell.
+            let _ = routed.send(());
         }
         let ended = tokio::select! {
             ended = &mut connection => Some(ended),

@@ -202,3 +202,22 @@ async fn closing_the_pool_lets_in_flight_streams_finish() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tunnel_signals_once_it_carries_requests() {
+    let setup = OneReplica::start(Duration::from_secs(2)).await;
+    // The connector's two tunnels: each signalled once, when it joined the pool.
+    within("both tunnels signal", async {
+        while setup.replica.routed() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(setup.replica.pool.snapshot().len(), 2);
+    let (status, _) = fetch(&setup.replica.pool, GROUP, "/hello")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status, StatusCode::OK);
+    // Requests signal nothing more.
+    assert_eq!(setup.replica.routed(), 2);
+}

@@ -141,6 +141,8 @@ pub struct Replica {
     connections: Mutex<CancellationToken>,
     /// The leaf certificate of every tunnel admitted, in order.
     presented: Mutex<Vec<CertificateDer<'static>>>,
+    /// Tunnels whose `routed` signal arrived ([`TunnelPool::attach_signalling`]).
+    routed: std::sync::atomic::AtomicUsize,
 }
 
 impl Replica {
@@ -156,7 +158,13 @@ impl Replica {
             revoked: Mutex::new(HashSet::new()),
             connections: Mutex::new(CancellationToken::new()),
             presented: Mutex::new(Vec::new()),
+            routed: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// How many tunnels signalled that they carry requests.
+    pub fn routed(&self) -> usize {
+        self.routed.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The notice sent on new tunnels.
@@ -206,12 +214,21 @@ impl Replica {
         }
         let dropped = lock(&self.connections).clone();
         let notice = self.notice();
+        let (routed_tx, routed_rx) = tokio::sync::oneshot::channel();
+        let signalled = async {
+            if routed_rx.await.is_ok() {
+                self.routed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            std::future::pending::<()>().await;
+        };
         tokio::select! {
-            attached = self.pool.attach(identity, stream, notice) => {
+            attached = self.pool.attach_signalling(identity, stream, notice, Some(routed_tx)) => {
                 if let Err(error) = attached {
                     tracing::debug!(%error, "tunnel ended");
                 }
             }
+            () = signalled => {}
             () = dropped.cancelled() => {}
         }
     }
