@@ -128,13 +128,13 @@ bench-s8: bench-build ## S8: operator (real control plane), compiler, one proxy'
 .PHONY: bench-compare
 bench-compare: bench-build ## S1, S1b, S2, S3 side by side: direct, nginx, rathole (TCP, TLS), frp, Sallyport (passthrough, auth + policy); plots in bench/results/; options in BENCH_COMPARE_ARGS="--rounds 7"
 	bash bench/install-tools.sh >/dev/null
-	$(CARGO_TARGET_DIR)/release/sallyport-bench compare --oha "$$(bash bench/install-tools.sh)" --plots bench/results $(BENCH_COMPARE_ARGS)
+	$(CARGO_TARGET_DIR)/release/sallyport-bench compare --oha "$$(bash bench/install-tools.sh)" --peers-script bench/install-peers.sh --plots bench/results $(BENCH_COMPARE_ARGS)
 
 .PHONY: bench-quick
 bench-quick: ## Short comparison (direct, rathole-TLS, Sallyport with auth + policy; S1, S3) checked against bench/quick-baseline.json; CI runs it
 	$(CARGO) build --release -p sallyport-proxy -p sallyport-connector -p sallyport-bench
 	bash bench/install-tools.sh >/dev/null
-	$(CARGO_TARGET_DIR)/release/sallyport-bench quick --oha "$$(bash bench/install-tools.sh)" $(BENCH_QUICK_ARGS)
+	$(CARGO_TARGET_DIR)/release/sallyport-bench quick --oha "$$(bash bench/install-tools.sh)" --peers-script bench/install-peers.sh $(BENCH_QUICK_ARGS)
 
 .PHONY: bench-s4
 bench-s4: bench-build ## S4: N idle WebSockets (default 10,000) through proxy + connector: RSS per idle stream per side; options in BENCH_S4_ARGS="--streams 5000"
