@@ -67,6 +67,29 @@ pub fn write_heading(
     Ok(())
 }
 
+/// Writes a Markdown table of the goals: the `header` row (three columns, `separator`
+/// under it), then one row per goal (`| goal | measured | met / NOT met |`).
+pub fn write_goal_rows(
+    out: &mut String,
+    header: &str,
+    separator: &str,
+    goals: &[GoalOutcome],
+) -> std::fmt::Result {
+    use std::fmt::Write as _;
+    writeln!(out, "{header}")?;
+    writeln!(out, "{separator}")?;
+    for goal in goals {
+        writeln!(
+            out,
+            "| {} | {} | {} |",
+            goal.goal,
+            goal.measured,
+            if goal.met { "met" } else { "NOT met" }
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,17 @@ pub struct Spread {
 }
 
 impl Spread {
+    /// The spread of millisecond values, leaving out the absent ones (`None`), the
+    /// negative and the non-finite; `None` when none is left.
+    pub fn of_ms(values: impl Iterator<Item = Option<f64>>) -> Option<Self> {
+        let durations: Vec<Duration> = values
+            .flatten()
+            .filter(|ms| ms.is_finite() && *ms >= 0.0)
+            .map(|ms| Duration::from_secs_f64(ms / 1000.0))
+            .collect();
+        Self::of(&durations)
+    }
+
     /// The spread of `samples`; `None` when there are none.
     pub fn of(samples: &[Duration]) -> Option<Self> {
         let mut sorted = samples.to_vec();

@@ -753,17 +753,12 @@ impl DataplaneReport {
 
         if !self.goals.is_empty() {
             writeln!(out)?;
-            writeln!(out, "| goal (performance.md) | measured | |")?;
-            writeln!(out, "| --- | --- | --- |")?;
-            for goal in &self.goals {
-                writeln!(
-                    out,
-                    "| {} | {} | {} |",
-                    goal.goal,
-                    goal.measured,
-                    if goal.met { "met" } else { "NOT met" }
-                )?;
-            }
+            crate::report::write_goal_rows(
+                out,
+                "| goal (performance.md) | measured | |",
+                "| --- | --- | --- |",
+                &self.goals,
+            )?;
         }
         Ok(())
     }

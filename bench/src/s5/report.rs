@@ -1,7 +1,6 @@
 //! S5's report: a table per part, the goals, and the whole as one JSON line.
 
 use std::io::Write;
-use std::time::Duration;
 
 use serde::Serialize;
 
@@ -136,12 +135,7 @@ pub struct S5Report {
 }
 
 fn spread(values: impl Iterator<Item = Option<f64>>) -> Option<Spread> {
-    let durations: Vec<Duration> = values
-        .flatten()
-        .filter(|ms| ms.is_finite() && *ms >= 0.0)
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-        .collect();
-    Spread::of(&durations)
+    Spread::of_ms(values)
 }
 
 fn show(spread: Option<Spread>) -> String {

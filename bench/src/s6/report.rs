@@ -483,17 +483,13 @@ impl S6Report {
                 s.change_timeout_s
             )?;
         }
-        writeln!(out, "\n| goal | measured | verdict |")?;
-        writeln!(out, "|---|---|---|")?;
-        for goal in &self.goals {
-            writeln!(
-                out,
-                "| {} | {} | {} |",
-                goal.goal,
-                goal.measured,
-                if goal.met { "met" } else { "NOT met" }
-            )?;
-        }
+        writeln!(out)?;
+        crate::report::write_goal_rows(
+            &mut out,
+            "| goal | measured | verdict |",
+            "|---|---|---|",
+            &self.goals,
+        )?;
         Ok(out)
     }
 }

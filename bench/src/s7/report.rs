@@ -2,7 +2,6 @@
 //! the whole as one JSON line.
 
 use std::io::Write;
-use std::time::Duration;
 
 use serde::Serialize;
 
@@ -231,12 +230,7 @@ pub struct S7Report {
 
 /// Median, min and max of the rounds' values (`None` left out).
 fn spread(values: impl Iterator<Item = Option<f64>>) -> Option<Spread> {
-    let durations: Vec<Duration> = values
-        .flatten()
-        .filter(|ms| ms.is_finite() && *ms >= 0.0)
-        .map(|ms| Duration::from_secs_f64(ms / 1000.0))
-        .collect();
-    Spread::of(&durations)
+    Spread::of_ms(values)
 }
 
 fn show_spread(spread: Option<Spread>) -> String {
